@@ -1,0 +1,119 @@
+"""Crash-safe checkpoints of everything that determines the future of a run.
+
+Layout under `<run>/checkpoints/`:
+  step_00000120/            one complete checkpoint
+    <DeepSpeed files>       student + predictors + optimizer (any ZeRO stage, per-rank partitions)
+    rank_00000.pt ...       per rank: teacher shard, RNG states, step, consumed samples, frozen layers
+    meta.json               config, tokenizer hash, world layout (written last, by rank 0)
+  latest                    the tag of the newest complete checkpoint (replaced atomically)
+A checkpoint is written under `.tmp-<tag>` and renamed only after every rank has finished, so a crash
+while saving leaves the previous one intact and `latest` never points at a partial directory.
+Per-rank state goes in per-rank files: under ZeRO-1/2 DeepSpeed's client_state is kept from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sdt_dist.train_module import SDTrainModule
+
+LATEST = "latest"
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, meta: dict[str, Any],
+         keep: int) -> Path:
+    """Save the state after `step` completed steps. Collective: call on every rank."""
+    tag = _tag(step)
+    tmp_tag = f".tmp-{tag}"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(ckpt_root / tmp_tag, ignore_errors=True)  # leftovers of a crash mid-save
+    dist.barrier()
+    tm.engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, save_latest=False)
+    extra = {"step": step, "consumed_samples": consumed_samples, "frozen_layers": tm.frozen,
+             "teacher": tm.teacher.state_dict(), "rng": rng_state()}
+    torch.save(extra, ckpt_root / tmp_tag / f"rank_{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        _write_atomic(ckpt_root / tmp_tag / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
+        final = ckpt_root / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(ckpt_root / tmp_tag, final)
+        _write_atomic(ckpt_root / LATEST, tag)
+        for old in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return ckpt_root / tag
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a directory is complete once renamed from .tmp-*)."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and (p / "meta.json").is_file())
+
+
+def resolve(resume: str, ckpt_root: Path) -> Path | None:
+    """`auto`: the newest complete checkpoint (or None); `none`: None; else a checkpoint directory."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(ckpt_root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"train.resume: {path} is not a complete sdt-dist checkpoint (no meta.json)")
+    return path
+
+
+def load(tm: SDTrainModule, path: Path) -> dict[str, Any]:
+    """Restore module, optimizer, teacher and RNG state; returns the per-rank extra state."""
+    rank = dist.get_rank()
+    extra_path = path / f"rank_{rank:05d}.pt"
+    if not extra_path.is_file():
+        raise FileNotFoundError(f"{extra_path} is missing: the checkpoint was written by a different "
+                                f"number of ranks; resume with the same layout")
+    extra = torch.load(extra_path, map_location="cpu", weights_only=True)
+    # The optimizer's parameter groups must match the saved ones: freeze first, then load.
+    tm.freeze(extra["frozen_layers"], carry_state=False)
+    load_path, _ = tm.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    tm.teacher.load_state_dict(extra["teacher"])
+    set_rng_state(extra["rng"])
+    return extra

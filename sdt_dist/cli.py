@@ -1,0 +1,62 @@
+"""Command-line entry point of training (`launchers/pretrain_owt.py`, `sdt-train`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from sdt_dist.config import ConfigError, check_layout, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="SelfDistil-T pretraining on DeepSpeed + megatron-core")
+    parser.add_argument("--config", required=True, help="YAML config (see launchers/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override, e.g. --set distill.ema_tau=0.999 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _world_size_from_env() -> int | None:
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return None
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = _world_size_from_env()
+        if world is not None:  # the layout is checked before any process group exists
+            check_layout(cfg, world)
+    except ConfigError as e:
+        print(f"[sdt-dist] config error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return
+
+    import torch.distributed as dist
+
+    from sdt_dist.parallel.dims import destroy_parallel, init_parallel
+    from sdt_dist.trainer import Trainer, log0
+
+    dims = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage)
+    log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=1))
+    log0(f"parallel layout: {dims.describe()}")
+    Trainer(cfg, dims).fit()
+    destroy_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    # Exit without running C++ static destructors: DeepSpeed's CPU comm op sometimes aborts there
+    # after all work is done, turning a finished run into a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

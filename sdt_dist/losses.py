@@ -1,0 +1,71 @@
+"""SelfDistil-T losses as functions of tensors (and the tensor-parallel group the vocab is split over).
+
+Logits are vocab-parallel ([b, s, V/tp] per rank): softmax statistics are reduced across the TP group
+with autograd-aware all-reduces instead of gathering full logits. Every term is a mean over the
+non-padding tokens (`loss_mask`), never a sum over positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+
+def _masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    return (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+def _tp_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+            tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over vocab-parallel logits, averaged over non-padding tokens."""
+    if _tp_size(tp_group) == 1:
+        per_token = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), reduction="none"
+        ).view_as(labels)
+    else:
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+    return _masked_mean(per_token, loss_mask)
+
+
+def _tp_log_softmax(z: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Local slice of log_softmax over a vocabulary split across the TP group."""
+    if _tp_size(tp_group) == 1:
+        return torch.log_softmax(z, dim=-1)
+    zmax = z.detach().max(dim=-1, keepdim=True).values
+    dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=tp_group)
+    local = torch.exp(z - zmax).sum(dim=-1, keepdim=True)
+    # all-reduce forward, identity backward: each rank's share of the sum gets its own gradient
+    total = reduce_from_tensor_model_parallel_region(local, group=tp_group)
+    return z - zmax - torch.log(total)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
+            temperature: float, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """T^2 * KL(softmax(z_T/T) || softmax(z_S/T)), averaged over non-padding tokens."""
+    log_ps = _tp_log_softmax(student_logits.float() / temperature, tp_group)
+    with torch.no_grad():
+        log_pt = _tp_log_softmax(teacher_logits.float() / temperature, tp_group)
+    local_kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
+    kl = local_kl if _tp_size(tp_group) == 1 else reduce_from_tensor_model_parallel_region(local_kl, tp_group)
+    return temperature**2 * _masked_mean(kl, loss_mask)
+
+
+def align_loss(predictions: dict[int, torch.Tensor], teacher_hidden: dict[int, torch.Tensor],
+               layer_map: dict[int, int], loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum over aligned layers l of mean_tokens(1 - cos(q_l(h_S^l), stopgrad h_T^{f(l)})).
+
+    `predictions` holds q_l(h_S^l) ([s, b, d]) for the aligned layers that ran; `layer_map` is f.
+    """
+    mask = loss_mask.transpose(0, 1)  # hidden states are [s, b, d]
+    total = loss_mask.new_zeros(())
+    for layer, pred in predictions.items():
+        target = teacher_hidden[layer_map[layer]].detach()
+        cos = torch.nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-6)
+        total = total + _masked_mean(1.0 - cos, mask)
+    return total

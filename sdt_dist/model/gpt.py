@@ -1,0 +1,86 @@
+"""Decoder-only GPT assembled from megatron-core building blocks.
+
+Vocab-parallel embedding -> decoder layers (from a spec list) -> final LayerNorm -> column-parallel head
+(optionally tied to the embedding). The forward returns vocab-parallel logits and, explicitly, the
+output hidden state of every layer that ran: the alignment loss reads them, skipped layers are absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from sdt_dist.model.rope import RotaryEmbedding
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor  # [b, s, vocab / tp]
+    hidden: dict[int, torch.Tensor]  # layer number (1-based) -> [s, b, d], only layers that ran
+
+
+class GPTModel(torch.nn.Module):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_specs: list[ModuleSpec],
+        vocab_size: int,
+        tie_embeddings: bool = True,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tie_embeddings = tie_embeddings
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            vocab_size, config.hidden_size, init_method=config.init_method, config=config
+        )
+        self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
+        self.rope = RotaryEmbedding(config.kv_channels, base=rope_base)
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=i + 1) for i, spec in enumerate(layer_specs)
+        )
+        self.final_norm = WrappedTorchNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size,
+            vocab_size,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,  # logits stay vocab-parallel; losses reduce across TP ranks
+            skip_weight_param_allocation=tie_embeddings,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # [b, s] -> [s, b, d], megatron's activation layout
+        return self.embedding_dropout(self.embedding(tokens).transpose(0, 1).contiguous())
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.weight if self.tie_embeddings else None
+        logits, _ = self.output_layer(self.final_norm(h), weight=weight)
+        return logits.transpose(0, 1)  # [b, s, vocab / tp]
+
+    def forward(
+        self, tokens: torch.Tensor, skip: frozenset[int] = frozenset(), frozen_prefix: int = 0
+    ) -> GPTOutput:
+        """`skip`: layer numbers to bypass (LayerDrop in training, pruning at inference).
+        `frozen_prefix`: the embedding and layers 1..k are frozen; they run without autograd so that
+        backward stops at the boundary."""
+        rotary = self.rope(tokens.size(1), tokens.device)
+        hidden: dict[int, torch.Tensor] = {}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_prefix == 0):
+            h = self.embed(tokens)
+        for number, layer in enumerate(self.layers, start=1):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and number > frozen_prefix):
+                h, _ = layer(h, attention_mask=None, rotary_pos_emb=rotary, skip=number in skip)
+            if number not in skip:
+                hidden[number] = h
+        return GPTOutput(logits=self.head(h), hidden=hidden)

@@ -1,0 +1,87 @@
+"""Layer specs: the student's and the teacher's decoder layers, composed from megatron-core modules.
+
+Pre-LayerNorm, rotary attention through torch SDPA, GELU MLP; linears are megatron-core's column/row
+tensor-parallel linears, so the same spec runs at any TP size. The student's layers carry their
+LayerDrop rate; the teacher's spec is the same layer with p = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from sdt_dist.config import ModelConfig, ParallelConfig
+from sdt_dist.layerdrop import LayerDropTransformerLayer
+from sdt_dist.model.attention import SDPAttention
+
+
+def decoder_layer_spec(drop_prob: float = 0.0) -> ModuleSpec:
+    return ModuleSpec(
+        module=LayerDropTransformerLayer,
+        params={"drop_prob": drop_prob},
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=RowParallelLinear,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def student_layer_specs(drop_probs: list[float]) -> list[ModuleSpec]:
+    return [decoder_layer_spec(p) for p in drop_probs]
+
+
+def teacher_layer_specs(num_layers: int) -> list[ModuleSpec]:
+    return [decoder_layer_spec(0.0) for _ in range(num_layers)]
+
+
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        hidden_dropout=model.dropout,
+        attention_dropout=model.dropout,
+        init_method_std=model.init_std,
+        layernorm_epsilon=1e-5,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Master weights are created whole and split on the host: identical weights at any TP size.
+        use_cpu_initialization=True,
+        # The fused kernels below need CUDA/apex/TE; the unfused paths are exact and portable.
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )

@@ -1,0 +1,94 @@
+"""DeepSpeed engine construction: the DeepSpeed config derived from the run config, ZeRO-3 model init,
+and `deepspeed.initialize` with megatron-core's process groups.
+
+The optimizer is ours (torch AdamW with decay / no-decay groups) so that freezing can rebuild it over
+the kept parameters; the learning rate is set each step from the pure schedule in `schedules.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdt_dist.config import Config, ConfigError
+from sdt_dist.parallel.dims import ParallelDims
+from sdt_dist.parallel.mpu import MegatronMpu
+
+_OWNED_KEYS = ("optimizer", "scheduler")
+
+
+def build_ds_config(cfg: Config, dp: int) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON's precision/ZeRO details plus batch, clipping and stage from `cfg`."""
+    base: dict[str, Any] = {}
+    if cfg.parallel.ds_config:
+        try:
+            base = json.loads(Path(cfg.parallel.ds_config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"parallel.ds_config: cannot read {cfg.parallel.ds_config}: {e}") from None
+    for key in _OWNED_KEYS:
+        if key in base:
+            raise ConfigError(f"parallel.ds_config: remove '{key}' from {cfg.parallel.ds_config}; "
+                              f"sdt-dist sets it from the train section")
+    t = cfg.train
+    gas = t.global_batch_size // (t.micro_batch_size * dp)
+    derived = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": gas,
+               "train_batch_size": t.global_batch_size}
+    for key, value in derived.items():
+        if base.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"parallel.ds_config: {key}={base[key]} disagrees with the train section "
+                              f"({value}); use \"auto\" or remove it")
+        base[key] = value
+    zero = base.setdefault("zero_optimization", {})
+    if zero.get("stage", cfg.parallel.zero_stage) != cfg.parallel.zero_stage:
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} disagrees with "
+                          f"{cfg.parallel.ds_config} (stage {zero['stage']})")
+    zero["stage"] = cfg.parallel.zero_stage
+    base["gradient_clipping"] = t.grad_clip
+    base.setdefault("zero_allow_untested_optimizer", True)
+    base.setdefault("steps_per_print", 10**9)
+    base.setdefault("wall_clock_breakdown", False)
+    return base
+
+
+def compute_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
+
+
+def model_init_context(ds_config: dict[str, Any], dims: ParallelDims) -> contextlib.AbstractContextManager:
+    """ZeRO-3 partitions parameters at construction, over megatron's data-parallel group: without the
+    group, zero.Init partitions over the whole world and silently mixes tensor-parallel shards."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=dims.dp_group,
+                               mpu=MegatronMpu())
+
+
+def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases, norms and 1-D parameters."""
+    decay = [p for n, p in named_params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in named_params if p.requires_grad and p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def initialize_engine(module: torch.nn.Module, groups: list[dict], ds_config: dict[str, Any], lr: float,
+                      betas: tuple[float, float], dims: ParallelDims):
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=copy.deepcopy(ds_config), mpu=MegatronMpu(),
+        dist_init_required=False,
+    )
+    return engine

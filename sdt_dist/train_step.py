@@ -1,0 +1,105 @@
+"""One optimizer step of SelfDistil-T, as in the paper's Algorithm 1.
+
+  for each micro-batch:
+    1. student forward with LayerDrop (frozen prefix without autograd)
+    2. teacher forward: EMA weights, eval mode, no LayerDrop, no grad
+    3. losses: LM + lambda_KD * T^2 * KL(teacher || student) + lambda_SD * alignment
+    4. backward; DeepSpeed steps the optimizer at the accumulation boundary (AdamW, grad clip)
+  5. EMA update of the teacher from the new student weights
+  6. freezing milestones
+A step whose loss is not finite on any rank is skipped everywhere: no backward, no optimizer step, no
+EMA update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from sdt_dist import losses
+from sdt_dist.layerdrop import sample_dropped
+from sdt_dist.schedules import aligned_layers_at, frozen_layers_at, lr_at, tau_at
+from sdt_dist.train_module import SDTrainModule
+
+
+@dataclass
+class StepResult:
+    loss: float = 0.0
+    loss_lm: float = 0.0
+    loss_kd: float = 0.0
+    loss_align: float = 0.0
+    lr: float = 0.0
+    tau: float = 0.0
+    frozen_layers: int = 0
+    dropped_layers: list[int] = field(default_factory=list)
+    aligned_layers: list[int] = field(default_factory=list)
+    tokens: int = 0
+    skipped: bool = False
+
+
+def sdt_losses(tm: SDTrainModule, batch: dict[str, torch.Tensor], step: int, micro: int,
+               aligned: list[int]) -> tuple[dict[str, torch.Tensor], frozenset[int]]:
+    """Steps 1-3 for one micro-batch: the loss terms (as tensors) and the layers LayerDrop skipped."""
+    d = tm.cfg.distill
+    tp_group = ps.get_tensor_model_parallel_group() if tm.dims.tp > 1 else None
+    dropped = sample_dropped(tm.drop_probs, tm.cfg.train.seed, step, micro)
+    tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+
+    # 1. student forward with LayerDrop; predictors q_l on the aligned layers that ran
+    logits, predictions = tm.engine(tokens, skip=dropped, frozen_prefix=tm.frozen, aligned=tuple(aligned))
+    terms = {"lm": losses.lm_loss(logits, labels, mask, tp_group)}
+    # 2. teacher forward (no grad, no dropout, no LayerDrop)
+    if d.lambda_kd > 0 or predictions:
+        teacher = tm.teacher(tokens)
+        # 3. distillation terms
+        terms["kd"] = losses.kd_loss(logits, teacher.logits, mask, d.temperature, tp_group)
+        terms["align"] = losses.align_loss(predictions, teacher.hidden, tm.layer_map, mask)
+    else:
+        terms["kd"] = terms["align"] = torch.zeros((), device=logits.device)
+    terms["total"] = terms["lm"] + d.lambda_kd * terms["kd"] + d.lambda_sd * terms["align"]
+    return terms, dropped
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    flag = torch.tensor([0.0 if torch.isfinite(x).all() else 1.0], device=x.device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def train_step(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepResult:
+    cfg = tm.cfg
+    max_steps = cfg.train.max_steps
+    aligned = aligned_layers_at(step, cfg.distill, cfg.model.num_layers, max_steps, tm.frozen)
+    result = StepResult(lr=lr_at(step, cfg.train), tau=tau_at(step, cfg.distill, max_steps),
+                        frozen_layers=tm.frozen, aligned_layers=aligned)
+    tm.set_lr(result.lr)
+    sums = {"total": 0.0, "lm": 0.0, "kd": 0.0, "align": 0.0}
+    dropped_any: set[int] = set()
+    for micro, batch in enumerate(micro_batches):
+        terms, dropped = sdt_losses(tm, batch, step, micro, aligned)
+        if not _all_finite(terms["total"]):
+            # Nothing has been applied yet only when this is the first micro-batch; later ones would have
+            # accumulated gradients, so non-finite steps are supported with one micro-batch per step.
+            result.skipped = True
+            break
+        # 4. backward; the engine applies AdamW (with clipping) at the accumulation boundary
+        tm.engine.backward(terms["total"])
+        tm.engine.step()
+        for k in sums:
+            sums[k] += terms[k].item() / len(micro_batches)
+        dropped_any |= dropped
+        result.tokens += int(batch["loss_mask"].sum().item())
+    result.loss, result.loss_lm, result.loss_kd, result.loss_align = (
+        sums["total"], sums["lm"], sums["kd"], sums["align"])
+    result.dropped_layers = sorted(dropped_any)
+    if result.skipped:
+        return result
+    # 5. EMA update of the teacher, from the student after this step (frozen parameters copied)
+    tm.teacher.update(tm.student_gpt_params(), result.tau, tm.frozen_indices())
+    # 6. freezing milestones: the step count after this step decides
+    tm.freeze(frozen_layers_at(step + 1, cfg.distill, cfg.model.num_layers, max_steps))
+    return result

@@ -1,0 +1,192 @@
+"""The training loop: data, steps, logging, validation, checkpoints, resume, signals.
+
+The loop never touches model internals: `train_step` runs the algorithm on an `SDTrainModule`;
+this file decides when to log, evaluate, save and stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sdt_dist import checkpoint
+from sdt_dist.config import Config
+from sdt_dist.data.loader import MicroBatchIterator, build_datasets
+from sdt_dist.data.prepare import prepare_corpus
+from sdt_dist.data.tokenizer import check_vocab, load_tokenizer
+from sdt_dist.metrics import MetricsLogger
+from sdt_dist.parallel.dims import ParallelDims, device
+from sdt_dist.train_module import SDTrainModule
+from sdt_dist.train_step import StepResult, train_step
+
+
+def log0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[sdt-dist] {msg}", flush=True)
+
+
+def prepare_data(cfg: Config, dims: ParallelDims) -> list[str]:
+    """The built-in path: rank 0 prepares `data.source` into the prepared dir once; others wait."""
+    d = cfg.data
+    if d.source is not None:
+        if dims.is_main:
+            prepare_corpus(d.source, d.prepared[0], tokenizer_model=d.tokenizer, vocab_size=d.tokenizer_vocab_size,
+                           workers=d.workers, text_field=d.text_field, valid_fraction=d.valid_fraction,
+                           seed=cfg.train.seed)
+        dist.barrier()
+    for prepared in d.prepared:
+        check_vocab(prepared, cfg.model.vocab_size)
+    return d.prepared
+
+
+class _StopFlag:
+    """SIGTERM/SIGUSR1 (preemption, Slurm's warning before the time limit): checkpoint, then exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame) -> None:
+        self.signum = signum
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dims: ParallelDims) -> None:
+        self.cfg, self.dims = cfg, dims
+        self.run_dir = Path(cfg.train.out_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        prepared = prepare_data(cfg, dims)
+        t = cfg.train
+        self.gas = t.global_batch_size // (t.micro_batch_size * dims.dp)
+        self.train_ds, self.valid_ds = build_datasets(
+            prepared, cfg.data.weights, seq_length=cfg.model.seq_length, seed=t.seed,
+            num_train_samples=t.max_steps * t.global_batch_size,
+            num_valid_samples=max(t.eval_samples, t.micro_batch_size * dims.dp))
+        self.tokenizer_sha = load_tokenizer(prepared[0]).sha256
+        self.tm = SDTrainModule(cfg, dims)
+        self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard)
+        self.step = 0
+        self.consumed = 0
+        self.skipped_in_row = 0
+        self.skipped_total = 0
+
+    def _meta(self) -> dict[str, Any]:
+        cfg_json = json.dumps(self.cfg.to_dict(), sort_keys=True)
+        return {"config": self.cfg.to_dict(), "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
+                "tokenizer_sha256": self.tokenizer_sha, "world_size": self.dims.world_size,
+                "layout": self.dims.describe(), "step": self.step, "consumed_samples": self.consumed}
+
+    def resume(self) -> None:
+        path = checkpoint.resolve(self.cfg.train.resume, self.ckpt_root)
+        if path is None:
+            return
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["tokenizer_sha256"] != self.tokenizer_sha:
+            raise RuntimeError(f"checkpoint {path} was trained with another tokenizer "
+                               f"({meta['tokenizer_sha256'][:12]} vs {self.tokenizer_sha[:12]})")
+        extra = checkpoint.load(self.tm, path)
+        self.step, self.consumed = extra["step"], extra["consumed_samples"]
+        log0(f"resumed from {path} at step {self.step} ({self.consumed} samples consumed, "
+             f"{self.tm.frozen} layers frozen)")
+
+    def save(self) -> None:
+        path = checkpoint.save(self.tm, self.ckpt_root, self.step, self.consumed, self._meta(),
+                               self.cfg.train.keep_checkpoints)
+        log0(f"saved checkpoint {path}")
+
+    def _reduce_mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.dims.dp_group)
+        return (t / self.dims.dp).tolist()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation perplexity: token-level, over non-overlapping windows of the held-out split."""
+        engine = self.tm.engine
+        engine.eval()
+        dev = device()
+        nll = torch.zeros(2, dtype=torch.float64)
+        it = MicroBatchIterator(self.valid_ds, micro_batch_size=self.cfg.train.micro_batch_size,
+                                dp_rank=self.dims.dp_rank, dp_size=self.dims.dp)
+        from sdt_dist.losses import lm_loss
+
+        tp_group = self.dims.tp_group if self.dims.tp > 1 else None
+        for _ in range(max(1, self.cfg.train.eval_samples // (self.cfg.train.micro_batch_size * self.dims.dp))):
+            batch = {k: v.to(dev) for k, v in next(it).items()}
+            logits, _ = engine(batch["tokens"])
+            n = batch["loss_mask"].sum().item()
+            nll += torch.tensor([lm_loss(logits, batch["labels"], batch["loss_mask"], tp_group).item() * n, n],
+                                dtype=torch.float64)
+        dist.all_reduce(nll, group=self.dims.dp_group)
+        engine.train()
+        val_loss = (nll[0] / nll[1]).item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    def _record(self, res: StepResult, dt: float) -> dict[str, Any]:
+        loss, lm, kd, align = self._reduce_mean([res.loss, res.loss_lm, res.loss_kd, res.loss_align])
+        tokens = self._reduce_mean([float(res.tokens)])[0] * self.dims.dp
+        return {"step": self.step, "loss": loss, "loss_lm": lm, "loss_kd": kd, "loss_align": align,
+                "lr": res.lr, "tau": res.tau, "frozen_layers": res.frozen_layers,
+                "dropped_layers": res.dropped_layers, "aligned_layers": res.aligned_layers,
+                "skipped": res.skipped, "skipped_total": self.skipped_total,
+                "tokens_per_s": tokens / max(dt, 1e-9), "step_time_s": dt, "consumed_samples": self.consumed}
+
+    def _should_stop(self, stop: _StopFlag) -> bool:
+        # Every rank must agree, or the ranks that stop would hang the others in the next collective.
+        flag = torch.tensor([0.0 if stop.signum is None else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def fit(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        stop = _StopFlag()
+        self.resume()
+        it = MicroBatchIterator(self.train_ds, micro_batch_size=t.micro_batch_size, dp_rank=self.dims.dp_rank,
+                                dp_size=self.dims.dp, consumed_samples=self.consumed)
+        dev = device()
+        log0(f"training steps {self.step}..{t.max_steps} | {self.dims.describe()} | micro {t.micro_batch_size} "
+             f"x grad-accum {self.gas} x DP {self.dims.dp} = global {t.global_batch_size}")
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            batches = [{k: v.to(dev) for k, v in next(it).items()} for _ in range(self.gas)]
+            res = train_step(self.tm, batches, self.step)
+            self.step += 1
+            self.consumed = it.consumed_samples
+            if res.skipped:
+                self.skipped_in_row += 1
+                self.skipped_total += 1
+                log0(f"step {self.step}: non-finite loss, step skipped ({self.skipped_in_row} in a row)")
+                if self.skipped_in_row >= t.max_skipped_steps:
+                    raise RuntimeError(f"{self.skipped_in_row} consecutive non-finite steps; stopping. The last "
+                                       f"good checkpoint is in {self.ckpt_root}")
+            else:
+                self.skipped_in_row = 0
+            dt = time.perf_counter() - t0
+            if self.step % cfg.logging.log_interval == 0 or self.step == t.max_steps or res.skipped:
+                record = self._record(res, dt)
+                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                    record.update(self.evaluate())
+                self.metrics.log(record)
+                log0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in record.items() if k in (
+                                    "step", "loss", "loss_lm", "loss_kd", "loss_align", "lr", "frozen_layers",
+                                    "tokens_per_s", "val_ppl")))
+            if self.step % t.save_interval == 0 or self.step == t.max_steps:
+                self.save()
+            if self._should_stop(stop):
+                log0(f"received signal {stop.signum} (on some rank): saving and exiting")
+                if self.step % t.save_interval != 0 and self.step != t.max_steps:
+                    self.save()
+                self.metrics.close()
+                sys.exit(0)
+        self.metrics.close()

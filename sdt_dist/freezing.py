@@ -34,6 +34,15 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)  # ZeRO / bf16 wrappers hold the torch optimizer inside
 
 
+def _master_tensors(engine) -> list[torch.Tensor]:
+    """The fp32 tensors the torch optimizer steps: ZeRO's flat partitions, or the parameters themselves."""
+    opt = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if getattr(opt, attr, None) is not None:
+            return list(getattr(opt, attr))
+    return [t for group in _inner_optimizer(engine).param_groups for t in group["params"]]
+
+
 def _uses_hp_mapping(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
 
@@ -44,6 +53,12 @@ def snapshot_optimizer_state(engine, params: list[torch.nn.Parameter]) -> dict[s
 
     inner = _inner_optimizer(engine)
     steps = [s["step"] for s in inner.state.values() if "step" in s]
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if steps and link is not None:
+        # DeepSpeed links per-parameter views of the Adam state on demand, and may have linked before the
+        # state existed: relink now that it does.
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
     snap: dict[str, Any] = {"step": steps[0].clone() if steps else None, "params": []}
     for p in params:
         if _uses_hp_mapping(p):
@@ -64,10 +79,9 @@ def restore_optimizer_state(engine, params: list[torch.nn.Parameter], snap: dict
     inner = _inner_optimizer(engine)
     if snap["step"] is not None:
         # Adam state is created lazily at the first step; create it now so it can be written.
-        for group in inner.param_groups:
-            for t in group["params"]:
-                inner.state[t] = {"step": snap["step"].clone(), "exp_avg": torch.zeros_like(t),
-                                  "exp_avg_sq": torch.zeros_like(t)}
+        for t in _master_tensors(engine):
+            inner.state[t] = {"step": snap["step"].clone(), "exp_avg": torch.zeros_like(t),
+                              "exp_avg_sq": torch.zeros_like(t)}
         link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:
             engine.optimizer._hp_optimizer_states_linked = False

@@ -13,14 +13,16 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 class Predictor(torch.nn.Module):
     def __init__(self, hidden_size: int, init_std: float = 0.02) -> None:
         super().__init__()
-        self.fc1 = torch.nn.Linear(hidden_size, hidden_size)
-        self.fc2 = torch.nn.Linear(hidden_size, hidden_size)
-        for fc in (self.fc1, self.fc2):
-            torch.nn.init.normal_(fc.weight, std=init_std)
-            torch.nn.init.zeros_(fc.bias)
+        # Parameters are created and initialised in this __init__ (not in nn.Linear children): ZeRO-3's
+        # zero.Init partitions each module at the end of its own __init__, after which init is a no-op.
+        self.w1 = torch.nn.Parameter(torch.empty(hidden_size, hidden_size).normal_(std=init_std))
+        self.b1 = torch.nn.Parameter(torch.zeros(hidden_size))
+        self.w2 = torch.nn.Parameter(torch.empty(hidden_size, hidden_size).normal_(std=init_std))
+        self.b2 = torch.nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+        f = torch.nn.functional
+        return f.linear(f.gelu(f.linear(h, self.w1, self.b1)), self.w2, self.b2)
 
 
 def predictor_spec() -> ModuleSpec:

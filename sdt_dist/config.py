@@ -39,7 +39,7 @@ class ModelConfig:
 class ParallelConfig:
     tensor: int = 1  # tensor-parallel size (megatron-core)
     pipeline: int = 1  # pipeline-parallel size (DeepSpeed pipeline engine)
-    zero_stage: int = 1  # 0-3; with pipeline > 1 only 0 and 1 are possible
+    zero_stage: int = 1  # 0-3; with pipeline > 1 only 1
     ds_config: str | None = None  # DeepSpeed JSON (precision, ZeRO details); batch keys are derived here
     sequence_parallel: bool = False
 
@@ -247,8 +247,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(ffn % p.tensor == 0, "parallel.tensor", f"ffn_hidden_size {ffn} not divisible by {p.tensor}")
     _check(m.num_layers % p.pipeline == 0, "parallel.pipeline",
            f"num_layers {m.num_layers} is not divisible by pipeline size {p.pipeline}")
-    _check(p.pipeline == 1 or p.zero_stage <= 1, "parallel.zero_stage",
-           "DeepSpeed's pipeline engine supports only ZeRO stage 0 or 1")
+    # ZeRO-2/3 are refused by DeepSpeed's pipeline engine; ZeRO-0 with PP mis-clips (later stages'
+    # replicated params drop out of the grad norm): ZeRO-1 is the one exact choice.
+    _check(p.pipeline == 1 or p.zero_stage == 1, "parallel.zero_stage",
+           f"with parallel.pipeline={p.pipeline} use ZeRO stage 1 (DeepSpeed's pipeline engine refuses 2/3, "
+           f"and stage 0 clips gradients wrongly)")
     _check(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
     if p.ds_config is not None:
         _check(Path(p.ds_config).is_file(), "parallel.ds_config", f"file not found: {p.ds_config}")

@@ -7,7 +7,7 @@ output hidden state of every layer that ran: the alignment loss reads them, skip
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from megatron.core import tensor_parallel
@@ -18,10 +18,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from sdt_dist.model.rope import RotaryEmbedding
 
 
-@dataclass
-class GPTOutput:
+class GPTOutput(NamedTuple):  # a tuple, so that ZeRO-3's hooks see the tensors inside
     logits: torch.Tensor  # [b, s, vocab / tp]
     hidden: dict[int, torch.Tensor]  # layer number (1-based) -> [s, b, d], only layers that ran
+
+
+class TiedVocabEmbedding(tensor_parallel.VocabParallelEmbedding):
+    """Vocab-parallel embedding whose weight can also serve as the output head.
+
+    The tied head runs inside this module's forward, so that ZeRO-3 gathers the shared weight for it (and
+    again for its backward) like for any weight used by its own module."""
+
+    def forward(self, x: torch.Tensor, head: tensor_parallel.ColumnParallelLinear | None = None) -> torch.Tensor:
+        if head is None:
+            return super().forward(x)
+        return head(x, weight=self.weight)[0]
 
 
 class GPTModel(torch.nn.Module):
@@ -36,7 +47,7 @@ class GPTModel(torch.nn.Module):
         super().__init__()
         self.config = config
         self.tie_embeddings = tie_embeddings
-        self.embedding = tensor_parallel.VocabParallelEmbedding(
+        self.embedding = TiedVocabEmbedding(
             vocab_size, config.hidden_size, init_method=config.init_method, config=config
         )
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
@@ -64,8 +75,8 @@ class GPTModel(torch.nn.Module):
         return self.embedding_dropout(self.embedding(tokens).transpose(0, 1).contiguous())
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.embedding.weight if self.tie_embeddings else None
-        logits, _ = self.output_layer(self.final_norm(h), weight=weight)
+        h = self.final_norm(h)
+        logits = self.embedding(h, head=self.output_layer) if self.tie_embeddings else self.output_layer(h)[0]
         return logits.transpose(0, 1)  # [b, s, vocab / tp]
 
     def forward(

@@ -1,0 +1,65 @@
+"""Shared test helpers: small configs, synthetic batches, and real multi-process launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sdt_dist.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SDT_SHARED_DATA", REPO.parent / "shared" / "data"))
+OWT = SHARED_DATA / "openwebtext-1000" / "openwebtext-1000.jsonl.gz"
+
+TINY = [
+    "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "model.vocab_size=128",
+    "model.seq_length=16", "train.micro_batch_size=4", "train.global_batch_size=4", "train.max_steps=20",
+    "train.warmup_steps=2", "data.prepared=[unused]", "parallel.ds_config=null",
+]
+
+
+def make_cfg(*overrides: str) -> Config:
+    return load_config(None, TINY + list(overrides))
+
+
+def random_batch(cfg: Config, seed: int, batch: int | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b = batch or cfg.train.micro_batch_size
+    toks = torch.randint(0, cfg.model.vocab_size, (b, cfg.model.seq_length + 1), generator=g)
+    mask = torch.ones(b, cfg.model.seq_length)
+    mask[0, -3:] = 0.0  # some padding, so that "mean over non-padding tokens" is exercised
+    return {"tokens": toks[:, :-1], "labels": toks[:, 1:], "loss_mask": mask}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def run_ranks(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run tests/workers/<script> on `nproc` real processes (torchrun, gloo) and fail loudly."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(REPO / "tests" / "workers" / script), *args]
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,55 @@
+"""Drive an SDTrainModule on synthetic batches and record what the tests check (in-process or per rank)."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+
+from sdt_dist.config import Config
+from sdt_dist.freezing import optimizer_state_numel
+from sdt_dist.parallel.dims import ParallelDims
+from sdt_dist.train_module import SDTrainModule
+from sdt_dist.train_step import train_step
+from tests.helpers import random_batch
+
+
+def full_student_params(tm: SDTrainModule) -> list[torch.Tensor]:
+    out = []
+    for p in tm.student_gpt_params():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            out.append(p.detach().float().clone())
+    return out
+
+
+def run(cfg: Config, dims: ParallelDims, steps: int, batch_seed: int = 100) -> dict:
+    """Train `steps` steps; global batch b comes from seed batch_seed+step and is split over DP ranks."""
+    tm = SDTrainModule(cfg, dims)
+    history = [full_student_params(tm)]
+    teacher0 = tm.teacher.full_parameters()
+    records, opt_numel, frozen = [], [], []
+    mbs, dp = cfg.train.micro_batch_size, dims.dp
+    gas = cfg.train.global_batch_size // (mbs * dp)
+    for step in range(steps):
+        glob = random_batch(cfg, batch_seed + step, batch=cfg.train.global_batch_size)
+        micro = []
+        for m in range(gas):
+            start = (m * dp + dims.dp_rank) * mbs
+            micro.append({k: v[start:start + mbs] for k, v in glob.items()})
+        res = train_step(tm, micro, step)
+        records.append(res)
+        history.append(full_student_params(tm))
+        opt_numel.append(optimizer_state_numel(tm.engine))
+        frozen.append(tm.frozen)
+    return {"tm": tm, "records": records, "history": history, "teacher0": teacher0,
+            "teacher": tm.teacher.full_parameters(), "opt_numel": opt_numel, "frozen": frozen}
+
+
+def ema_closed_form(history: list[list[torch.Tensor]], taus: list[float]) -> list[torch.Tensor]:
+    """T_k = prod(tau) S_0 + sum_j (1 - tau_j) prod_{i>j} tau_i S_j, in float64."""
+    out = []
+    for i in range(len(history[0])):
+        t = history[0][i].double()
+        for j, tau in enumerate(taus, start=1):
+            t = tau * t + (1 - tau) * history[j][i].double()
+        out.append(t)
+    return out

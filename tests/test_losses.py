@@ -1,0 +1,59 @@
+import torch
+
+from sdt_dist.losses import align_loss, kd_loss, lm_loss
+
+
+def _kd_reference(zs, zt, mask, T):
+    ps = torch.log_softmax(zs.double() / T, -1)
+    pt = torch.log_softmax(zt.double() / T, -1)
+    kl = (pt.exp() * (pt - ps)).sum(-1)
+    return T**2 * (kl * mask).sum() / mask.sum()
+
+
+def test_kd_is_zero_when_teacher_equals_student():
+    z = torch.randn(2, 5, 11)
+    assert kd_loss(z, z.clone(), torch.ones(2, 5), temperature=2.0).item() == 0.0
+
+
+def test_kd_matches_float64_reference_and_is_a_mean_not_a_sum():
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(3, 7, 13, generator=g) * 3, torch.randn(3, 7, 13, generator=g) * 3
+    mask = torch.ones(3, 7)
+    mask[1, 4:] = 0
+    for T in (1.0, 2.0, 4.0):
+        got = kd_loss(zs, zt, mask, temperature=T)
+        torch.testing.assert_close(got.double(), _kd_reference(zs, zt, mask, T), rtol=1e-5, atol=1e-6)
+    # doubling the sequence with the same tokens leaves a mean unchanged (a sum would double)
+    doubled = kd_loss(torch.cat([zs, zs], 1), torch.cat([zt, zt], 1), torch.cat([mask, mask], 1), 2.0)
+    torch.testing.assert_close(doubled, kd_loss(zs, zt, mask, 2.0))
+
+
+def test_kd_gradient_reaches_student_only():
+    zs = torch.randn(2, 3, 5, requires_grad=True)
+    zt = torch.randn(2, 3, 5, requires_grad=True)
+    kd_loss(zs, zt, torch.ones(2, 3), 2.0).backward()
+    assert zs.grad is not None and zs.grad.abs().sum() > 0 and zt.grad is None
+
+
+def test_lm_loss_ignores_padding():
+    logits = torch.randn(2, 4, 9)
+    labels = torch.randint(0, 9, (2, 4))
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    ref = torch.nn.functional.cross_entropy(logits[mask.bool()], labels[mask.bool()])
+    torch.testing.assert_close(lm_loss(logits, labels, mask), ref)
+
+
+def test_align_loss_closed_form_and_stop_gradient():
+    s, b, d = 4, 2, 6
+    pred = torch.randn(s, b, d, requires_grad=True)
+    target = torch.randn(s, b, d, requires_grad=True)
+    mask = torch.ones(b, s)
+    mask[1, 3] = 0
+    loss = align_loss({2: pred}, {5: target}, {2: 5}, mask)
+    cos = torch.nn.functional.cosine_similarity(pred, target, dim=-1).transpose(0, 1)  # [b, s]
+    ref = ((1 - cos) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert pred.grad.abs().sum() > 0 and target.grad is None
+    # identical directions give 0
+    assert align_loss({1: target.detach() * 3}, {1: target.detach()}, {1: 1}, mask).abs().item() < 1e-6

@@ -44,7 +44,9 @@ def _master_tensors(engine) -> list[torch.Tensor]:
 
 
 def _uses_hp_mapping(p: torch.nn.Parameter) -> bool:
-    return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
+    # A ZeRO-1/2 parameter outside this rank's partition has `_hp_mapping = None` but must still join
+    # the collective in `safe_get_full_*`: test for the attribute, not its value.
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
 def snapshot_optimizer_state(engine, params: list[torch.nn.Parameter]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
@@ -29,7 +30,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
             logits.float().flatten(0, 1), labels.flatten(), reduction="none"
         ).view_as(labels)
     else:
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float().contiguous(), labels)
     return _masked_mean(per_token, loss_mask)
 
 
@@ -40,8 +41,9 @@ def _tp_log_softmax(z: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torc
     zmax = z.detach().max(dim=-1, keepdim=True).values
     dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=tp_group)
     local = torch.exp(z - zmax).sum(dim=-1, keepdim=True)
-    # all-reduce forward, identity backward: each rank's share of the sum gets its own gradient
-    total = reduce_from_tensor_model_parallel_region(local, group=tp_group)
+    # Every rank's terms depend on the global sum, so its gradient must be summed over ranks too:
+    # an all-reduce whose backward is an all-reduce (megatron's region op has an identity backward).
+    total = dist_nn.all_reduce(local, group=tp_group)
     return z - zmax - torch.log(total)
 
 

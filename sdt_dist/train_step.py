@@ -45,6 +45,8 @@ def sdt_losses(tm: SDTrainModule, batch: dict[str, torch.Tensor], step: int, mic
     """Steps 1-3 for one micro-batch: the loss terms (as tensors) and the layers LayerDrop skipped."""
     d = tm.cfg.distill
     tp_group = ps.get_tensor_model_parallel_group() if tm.dims.tp > 1 else None
+    # identical on every rank (TP, PP and DP): ZeRO-3 gathers parameters with DP collectives, so all
+    # ranks must run the same layers
     dropped = sample_dropped(tm.drop_probs, tm.cfg.train.seed, step, micro)
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
 

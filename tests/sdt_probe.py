@@ -26,7 +26,7 @@ def run(cfg: Config, dims: ParallelDims, steps: int, batch_seed: int = 100) -> d
     tm = SDTrainModule(cfg, dims)
     history = [full_student_params(tm)]
     teacher0 = tm.teacher.full_parameters()
-    records, opt_numel, frozen = [], [], []
+    records, opt_numel, frozen, copied = [], [], [], []
     mbs, dp = cfg.train.micro_batch_size, dims.dp
     gas = cfg.train.global_batch_size // (mbs * dp)
     for step in range(steps):
@@ -35,21 +35,26 @@ def run(cfg: Config, dims: ParallelDims, steps: int, batch_seed: int = 100) -> d
         for m in range(gas):
             start = (m * dp + dims.dp_rank) * mbs
             micro.append({k: v[start:start + mbs] for k, v in glob.items()})
+        copied.append(tm.frozen_indices())  # the EMA update of this step copies these
         res = train_step(tm, micro, step)
         records.append(res)
         history.append(full_student_params(tm))
         opt_numel.append(optimizer_state_numel(tm.engine))
         frozen.append(tm.frozen)
     return {"tm": tm, "records": records, "history": history, "teacher0": teacher0,
-            "teacher": tm.teacher.full_parameters(), "opt_numel": opt_numel, "frozen": frozen}
+            "teacher": tm.teacher.full_parameters(), "opt_numel": opt_numel, "frozen": frozen, "copied": copied}
 
 
-def ema_closed_form(history: list[list[torch.Tensor]], taus: list[float]) -> list[torch.Tensor]:
-    """T_k = prod(tau) S_0 + sum_j (1 - tau_j) prod_{i>j} tau_i S_j, in float64."""
+def ema_closed_form(history: list[list[torch.Tensor]], taus: list[float],
+                    copied: list[frozenset[int]] | None = None) -> list[torch.Tensor]:
+    """T_k = prod(tau) S_0 + sum_j (1 - tau_j) prod_{i>j} tau_i S_j, in float64; a parameter in
+    copied[j-1] (frozen) takes tau = 0 at step j."""
+    copied = copied or [frozenset()] * len(taus)
     out = []
     for i in range(len(history[0])):
         t = history[0][i].double()
         for j, tau in enumerate(taus, start=1):
-            t = tau * t + (1 - tau) * history[j][i].double()
+            tau_ij = 0.0 if i in copied[j - 1] else tau
+            t = tau_ij * t + (1 - tau_ij) * history[j][i].double()
         out.append(t)
     return out

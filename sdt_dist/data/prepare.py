@@ -1,0 +1,69 @@
+"""One-call, idempotent corpus preparation for the trainer's built-in data path."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from sdt_dist.data.errors import DataError
+from sdt_dist.data.manifest import MANIFEST_NAME, read_manifest, verify_prepared
+from sdt_dist.data.shards import TOKENIZER_DIR, build_shards
+from sdt_dist.data.tokenizer import MODEL_NAME, train_tokenizer, trained_tokenizer_ok
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_corpus(
+    source: str | list[str],
+    out_dir: str | Path,
+    *,
+    tokenizer_model: str | None = None,
+    vocab_size: int = 50000,
+    workers: int = 1,
+    text_field: str = "text",
+    valid_fraction: float = 0.05,
+    seed: int = 1234,
+    progress: bool = True,
+) -> Path:
+    """Make ``out_dir`` a verified prepared corpus of ``source`` and return it.
+
+    Returns at once when ``out_dir/manifest.json`` exists and every file verifies. Otherwise trains a
+    ``vocab_size`` tokenizer into ``out_dir/tokenizer/`` (unless ``tokenizer_model`` is given, or one
+    of that size is already there) and builds the shards, resuming whatever an earlier call left.
+    Call it on one rank only; the other ranks should wait (barrier) and then read the directory.
+    """
+    out = Path(out_dir)
+    if (out / MANIFEST_NAME).exists():
+        manifest = read_manifest(out)
+        if tokenizer_model is None and manifest["tokenizer"]["vocab_size"] != vocab_size:
+            raise DataError(
+                f"{out / MANIFEST_NAME}: prepared with a {manifest['tokenizer']['vocab_size']}-piece tokenizer, "
+                f"not {vocab_size}; use another out_dir"
+            )
+        try:
+            verify_prepared(out)
+            return out
+        except DataError as e:
+            logger.warning("%s; repairing", e)
+    if tokenizer_model is None:
+        tok_dir = out / TOKENIZER_DIR
+        if not trained_tokenizer_ok(tok_dir, vocab_size):
+            train_tokenizer(source, tok_dir, vocab_size=vocab_size, text_field=text_field, threads=workers)
+        tokenizer_model = str(tok_dir / MODEL_NAME)
+    command = [
+        "sdt_dist.data.prepare_corpus",
+        f"source={source!r}",
+        f"tokenizer_model={tokenizer_model!r}",
+        f"vocab_size={vocab_size}",
+        f"text_field={text_field!r}",
+        f"valid_fraction={valid_fraction}",
+        f"seed={seed}",
+    ]
+    report = build_shards(
+        source, out, tokenizer_model, workers=workers, text_field=text_field,
+        valid_fraction=valid_fraction, seed=seed, progress=progress, command=command,
+    )
+    if progress:
+        print(report.summary(), file=sys.stderr)
+    return out

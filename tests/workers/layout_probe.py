@@ -1,0 +1,53 @@
+"""Run SelfDistil-T steps on synthetic data under a parallel layout; rank 0 writes what the tests compare.
+
+usage: torchrun --nproc_per_node N tests/workers/layout_probe.py OUT.json STEPS [key=value ...]
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from sdt_dist.freezing import frozen_parameters
+from sdt_dist.parallel.dims import destroy_parallel, init_parallel
+from tests.helpers import make_cfg
+from tests.sdt_probe import ema_closed_form, run
+
+
+def main() -> None:
+    out_path, steps, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    cfg = make_cfg(*overrides)
+    dims = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage)
+    out = run(cfg, dims, steps)
+    tm = out["tm"]
+    per_step = torch.tensor([[r.loss, r.loss_lm, r.loss_kd, r.loss_align] for r in out["records"]],
+                            dtype=torch.float64)
+    dist.all_reduce(per_step, group=dims.dp_group)
+    per_step /= dims.dp
+    taus = [r.tau for r in out["records"]]
+    ema_err = max((a.double() - b).abs().max().item()
+                  for a, b in zip(out["teacher"], ema_closed_form(out["history"], taus, out["copied"])))
+    frozen = frozen_parameters(tm.gpt, tm.frozen)
+    frozen_idx = sorted(tm.frozen_indices())
+    unchanged = all(torch.equal(h[i], out["history"][-1][i]) for h in out["history"][-3:] for i in frozen_idx)
+    inner = getattr(tm.engine.optimizer, "optimizer", tm.engine.optimizer)
+    ids = {id(p) for p in frozen}
+    in_opt = any(id(p) in ids for g in inner.param_groups for p in g["params"]) or any(id(p) in ids for p in inner.state)
+    rank_info = torch.tensor([[tm.teacher.local_numel(), tm.teacher.full_numel(), ema_err, float(unchanged),
+                               float(in_opt), out["opt_numel"][0], out["opt_numel"][-1]]], dtype=torch.float64)
+    gathered = [torch.zeros_like(rank_info) for _ in range(dims.world_size)]
+    dist.all_gather(gathered, rank_info)
+    if dims.rank == 0:
+        json.dump({"losses": per_step.tolist(), "frozen": out["frozen"], "dropped": [r.dropped_layers for r in out["records"]],
+                   "ranks": [g[0].tolist() for g in gathered], "dp": dims.dp, "tp": dims.tp},
+                  open(out_path, "w"))
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip C++ static destructors (DeepSpeed's CPU comm op can abort there)

@@ -4,6 +4,7 @@ Layout under `<run>/checkpoints/`:
   step_00000120/            one complete checkpoint
     <DeepSpeed files>       student + predictors + optimizer (any ZeRO stage, per-rank partitions)
     rank_00000.pt ...       per rank: teacher shard, RNG states, step, consumed samples, frozen layers
+    export/                 full student and teacher weights (safetensors), loadable at any layout
     meta.json               config, tokenizer hash, world layout (written last, by rank 0)
   latest                    the tag of the newest complete checkpoint (replaced atomically)
 A checkpoint is written under `.tmp-<tag>` and renamed only after every rank has finished, so a crash
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sdt_dist.export import export, gather_full_state
 from sdt_dist.train_module import SDTrainModule
 
 LATEST = "latest"
@@ -54,7 +56,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, meta: dict[str, Any],
          keep: int) -> Path:
-    """Save the state after `step` completed steps. Collective: call on every rank."""
+    """Save the state after `step` completed steps, with a layout-independent export of the student and
+    teacher weights (`export/`). Collective: call on every rank."""
     tag = _tag(step)
     tmp_tag = f".tmp-{tag}"
     rank = dist.get_rank()
@@ -65,8 +68,12 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     extra = {"step": step, "consumed_samples": consumed_samples, "frozen_layers": tm.frozen,
              "teacher": tm.teacher.state_dict(), "rng": rng_state()}
     torch.save(extra, ckpt_root / tmp_tag / f"rank_{rank:05d}.pt")
+    tp_group = tm.dims.tp_group if tm.dims.tp > 1 else None
+    student = gather_full_state(list(tm.gpt.named_parameters()), None, tp_group)
+    teacher = gather_full_state(list(tm.teacher.module.named_parameters()), tm.teacher.full_parameters(), tp_group)
     dist.barrier()
     if rank == 0:
+        export(ckpt_root / tmp_tag / "export", tm.cfg.model, student, teacher)
         _write_atomic(ckpt_root / tmp_tag / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
         final = ckpt_root / tag
         if final.exists():

@@ -1,0 +1,78 @@
+"""Layout-independent model export: full (TP-gathered, ZeRO-gathered) weights as safetensors.
+
+A checkpoint is tied to its parallel layout (ZeRO partitions, TP shards); an export is not. Evaluation,
+pruning studies and downstream use load an export on any number of ranks (TP = 1 by default).
+Files: `<dir>/student.safetensors`, `<dir>/teacher.safetensors`, `<dir>/model_config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from sdt_dist.config import ModelConfig, ParallelConfig
+from sdt_dist.model import GPTModel, student_layer_specs, transformer_config
+
+
+def _gather_tp(t: torch.Tensor, like: torch.nn.Parameter, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    if tp_group is None or dist.get_world_size(tp_group) == 1 or not getattr(like, "tensor_model_parallel", False):
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, t.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=like.partition_dim)
+
+
+def gather_full_state(named: list[tuple[str, torch.nn.Parameter]], tensors: list[torch.Tensor] | None,
+                      tp_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights. `tensors` gives the local (TP-shard) values when they are not the params'
+    own (the teacher keeps them in shards); otherwise ZeRO-3 partitions are gathered. Collective."""
+    import deepspeed
+
+    out = {}
+    for i, (name, p) in enumerate(named):
+        if tensors is not None:
+            local = tensors[i]
+        else:
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                local = p.detach().float().clone()
+        out[name] = _gather_tp(local.float(), p, tp_group).cpu().contiguous()
+    return out
+
+
+def export(out_dir: Path, model_cfg: ModelConfig, student: dict[str, torch.Tensor],
+           teacher: dict[str, torch.Tensor] | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(student, str(out_dir / "student.safetensors"))
+    if teacher is not None:
+        save_file(teacher, str(out_dir / "teacher.safetensors"))
+    (out_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
+
+
+def load_export(path: Path, which: str = "student", parallel: ParallelConfig | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[GPTModel, ModelConfig]:
+    """A GPTModel (no LayerDrop) with exported weights, for TP = 1 (the default) in eval mode.
+
+    Needs megatron's parallel state initialized (`sdt_dist.parallel.dims.init_parallel(1, 1, 0)`)."""
+    path = Path(path)
+    cfg_file = path / "model_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not an sdt-dist export (no model_config.json)")
+    model_cfg = ModelConfig(**json.loads(cfg_file.read_text()))
+    parallel = parallel or ParallelConfig(tensor=1, pipeline=1, zero_stage=0)
+    if parallel.tensor != 1:
+        raise ValueError("load_export builds a TP=1 model; shard the state yourself for TP > 1")
+    tconf = transformer_config(model_cfg, parallel, dtype)
+    gpt = GPTModel(tconf, student_layer_specs([0.0] * model_cfg.num_layers), model_cfg.vocab_size,
+                   model_cfg.tie_embeddings, model_cfg.rope_base)
+    state = load_file(str(path / f"{which}.safetensors"))  # safetensors: no pickle, no code execution
+    missing, unexpected = gpt.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("._extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"{path}/{which}.safetensors does not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return gpt.eval(), model_cfg

@@ -34,13 +34,15 @@ def main() -> None:
     unchanged = all(torch.equal(h[i], out["history"][-1][i]) for h in out["history"][-3:] for i in frozen_idx)
     inner = getattr(tm.engine.optimizer, "optimizer", tm.engine.optimizer)
     ids = {id(p) for p in frozen}
-    in_opt = any(id(p) in ids for g in inner.param_groups for p in g["params"]) or any(id(p) in ids for p in inner.state)
+    in_opt = any(id(p) in ids for g in inner.param_groups for p in g["params"])
+    in_opt = in_opt or any(id(p) in ids for p in inner.state)
     rank_info = torch.tensor([[tm.teacher.local_numel(), tm.teacher.full_numel(), ema_err, float(unchanged),
                                float(in_opt), out["opt_numel"][0], out["opt_numel"][-1]]], dtype=torch.float64)
     gathered = [torch.zeros_like(rank_info) for _ in range(dims.world_size)]
     dist.all_gather(gathered, rank_info)
     if dims.rank == 0:
-        json.dump({"losses": per_step.tolist(), "frozen": out["frozen"], "dropped": [r.dropped_layers for r in out["records"]],
+        json.dump({"losses": per_step.tolist(), "frozen": out["frozen"],
+                   "dropped": [r.dropped_layers for r in out["records"]],
                    "ranks": [g[0].tolist() for g in gathered], "dp": dims.dp, "tp": dims.tp},
                   open(out_path, "w"))
     destroy_parallel()

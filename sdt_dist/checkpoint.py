@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from sdt_dist.export import export, gather_full_state
+from sdt_dist.faults import maybe_die
 from sdt_dist.train_module import SDTrainModule
 
 LATEST = "latest"
@@ -71,6 +72,7 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     tp_group = tm.dims.tp_group if tm.dims.tp > 1 else None
     student = gather_full_state(list(tm.gpt.named_parameters()), None, tp_group)
     teacher = gather_full_state(list(tm.teacher.module.named_parameters()), tm.teacher.full_parameters(), tp_group)
+    maybe_die("save", step)
     dist.barrier()
     if rank == 0:
         export(ckpt_root / tmp_tag / "export", tm.cfg.model, student, teacher)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -48,10 +47,18 @@ def train_main(argv: list[str] | None = None) -> None:
     from sdt_dist.parallel.dims import destroy_parallel, init_parallel
     from sdt_dist.trainer import Trainer, log0
 
+    from sdt_dist.data.errors import DataError
+
     dims = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage)
-    log0("resolved config:\n" + json.dumps(cfg.to_dict(), indent=1))
+    log0("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))
     log0(f"parallel layout: {dims.describe()}")
-    Trainer(cfg, dims).fit()
+    try:
+        Trainer(cfg, dims).fit()
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        # bad input: one clear line on every rank, not a traceback from inside a library
+        print(f"[sdt-dist] rank {dims.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(2)
     destroy_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -75,6 +75,7 @@ class DataConfig:
     text_field: str = "text"
     valid_fraction: float = 0.05
     workers: int = 2  # preparation processes
+    verify_checksums: bool = True  # sha256 of every shard against the manifest at start (sizes always)
 
 
 @dataclass

@@ -20,8 +20,11 @@ import torch.distributed as dist
 
 from sdt_dist import checkpoint
 from sdt_dist.config import Config
+from sdt_dist.data.errors import DataError
 from sdt_dist.data.loader import MicroBatchIterator, build_datasets
+from sdt_dist.data.manifest import verify_prepared
 from sdt_dist.data.prepare import prepare_corpus
+from sdt_dist.faults import maybe_die
 from sdt_dist.data.tokenizer import check_vocab, load_tokenizer
 from sdt_dist.metrics import MetricsLogger
 from sdt_dist.parallel.dims import ParallelDims, device
@@ -34,15 +37,29 @@ def log0(msg: str) -> None:
         print(f"[sdt-dist] {msg}", flush=True)
 
 
+def _on_rank0_then_all(dims: ParallelDims, fn) -> None:
+    """Run `fn` on rank 0; every rank raises the DataError it raised (no rank is left in a barrier)."""
+    error = [None]
+    if dims.is_main:
+        try:
+            fn()
+        except DataError as e:
+            error[0] = str(e)
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise DataError(error[0])
+
+
 def prepare_data(cfg: Config, dims: ParallelDims) -> list[str]:
-    """The built-in path: rank 0 prepares `data.source` into the prepared dir once; others wait."""
+    """Rank 0 prepares `data.source` into the prepared dir once (the built-in path), or checks every
+    prepared file's size and sha256 against its manifest; a bad file stops every rank before training."""
     d = cfg.data
     if d.source is not None:
-        if dims.is_main:
-            prepare_corpus(d.source, d.prepared[0], tokenizer_model=d.tokenizer, vocab_size=d.tokenizer_vocab_size,
-                           workers=d.workers, text_field=d.text_field, valid_fraction=d.valid_fraction,
-                           seed=cfg.train.seed)
-        dist.barrier()
+        _on_rank0_then_all(dims, lambda: prepare_corpus(
+            d.source, d.prepared[0], tokenizer_model=d.tokenizer, vocab_size=d.tokenizer_vocab_size,
+            workers=d.workers, text_field=d.text_field, valid_fraction=d.valid_fraction, seed=cfg.train.seed))
+    else:
+        _on_rank0_then_all(dims, lambda: [verify_prepared(p, quick=not d.verify_checksums) for p in d.prepared])
     for prepared in d.prepared:
         check_vocab(prepared, cfg.model.vocab_size)
     return d.prepared
@@ -162,6 +179,7 @@ class Trainer:
             res = train_step(self.tm, batches, self.step)
             self.step += 1
             self.consumed = it.consumed_samples
+            maybe_die("step", self.step)
             if res.skipped:
                 self.skipped_in_row += 1
                 self.skipped_total += 1

@@ -28,7 +28,7 @@ def owt_prepared(tmp_path_factory) -> Path:
     return out
 
 
-def launch(out_dir: Path, prepared: Path, *overrides: str) -> subprocess.Popen:
+def launch(out_dir: Path, prepared: Path, *overrides: str, fault: str | None = None) -> subprocess.Popen:
     cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(29500 + os.getpid() % 500),
            "launchers/pretrain_owt.py", "--config", "launchers/configs/tiny.yaml",
            "--set", f"train.out_dir={out_dir}", "--set", "data.source=null", "--set", f"data.prepared=[{prepared}]",
@@ -36,8 +36,10 @@ def launch(out_dir: Path, prepared: Path, *overrides: str) -> subprocess.Popen:
     for o in overrides:
         cmd += ["--set", o]
     log = open(out_dir.parent / f"{out_dir.name}.log", "a")
-    return subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    env = worker_env()
+    if fault:
+        env["SDT_FAULT"] = fault
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, out_dir: Path, timeout: int = 600) -> None:
@@ -98,3 +100,29 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, owt_prepared, t
         for key in ("loss", "loss_lm", "loss_kd", "loss_align", "lr", "tau", "frozen_layers", "dropped_layers"):
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
     assert a[60]["val_ppl"] == b[60]["val_ppl"]
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(uninterrupted, owt_prepared, tmp_path):
+    out = tmp_path / "run_c"
+    proc = launch(out, owt_prepared, fault="save@60:rank1")  # rank 1 dies inside the step-60 save
+    assert proc.wait(timeout=600) != 0
+    ckpt = out / "checkpoints"
+    assert (ckpt / ".tmp-step_00000060").is_dir() and not (ckpt / "step_00000060").exists()
+    assert (ckpt / "latest").read_text() == "step_00000030"
+    finish(launch(out, owt_prepared), out)  # --resume auto (the default) takes step 30
+    log = (out.parent / "run_c.log").read_text()
+    assert "resumed from" in log and "step_00000030 at step 30" in log
+    assert (ckpt / "latest").read_text() == "step_00000060" and not (ckpt / ".tmp-step_00000060").exists()
+    a, c = metrics(uninterrupted), metrics(out)
+    assert all(a[s]["loss"] == c[s]["loss"] for s in range(31, 61))
+
+
+def test_a_dying_rank_ends_the_job_promptly_and_is_named(owt_prepared, tmp_path):
+    out = tmp_path / "run_d"
+    t0 = time.time()
+    proc = launch(out, owt_prepared, fault="step@5:rank1")
+    rc = proc.wait(timeout=300)
+    elapsed = time.time() - t0
+    log = (out.parent / "run_d.log").read_text()
+    assert rc != 0 and elapsed < 240, (rc, elapsed)
+    assert "--local_rank=1" in log and "exits with return code = -9" in log

@@ -44,10 +44,9 @@ def train_main(argv: list[str] | None = None) -> None:
 
     import torch.distributed as dist
 
+    from sdt_dist.data.errors import DataError
     from sdt_dist.parallel.dims import destroy_parallel, init_parallel
     from sdt_dist.trainer import Trainer, log0
-
-    from sdt_dist.data.errors import DataError
 
     dims = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage)
     log0("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))

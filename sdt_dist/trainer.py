@@ -24,8 +24,8 @@ from sdt_dist.data.errors import DataError
 from sdt_dist.data.loader import MicroBatchIterator, build_datasets
 from sdt_dist.data.manifest import verify_prepared
 from sdt_dist.data.prepare import prepare_corpus
-from sdt_dist.faults import maybe_die
 from sdt_dist.data.tokenizer import check_vocab, load_tokenizer
+from sdt_dist.faults import maybe_die
 from sdt_dist.metrics import MetricsLogger
 from sdt_dist.parallel.dims import ParallelDims, device
 from sdt_dist.train_module import SDTrainModule

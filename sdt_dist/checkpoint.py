@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sdt_dist.export import export, gather_full_state
+from sdt_dist.export import export
 from sdt_dist.faults import maybe_die
 from sdt_dist.train_module import SDTrainModule
 
@@ -69,9 +69,7 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     extra = {"step": step, "consumed_samples": consumed_samples, "frozen_layers": tm.frozen,
              "teacher": tm.teacher.state_dict(), "rng": rng_state()}
     torch.save(extra, ckpt_root / tmp_tag / f"rank_{rank:05d}.pt")
-    tp_group = tm.dims.tp_group if tm.dims.tp > 1 else None
-    student = gather_full_state(list(tm.gpt.named_parameters()), None, tp_group)
-    teacher = gather_full_state(list(tm.teacher.module.named_parameters()), tm.teacher.full_parameters(), tp_group)
+    student, teacher = tm.export_state()
     maybe_die("save", step)
     dist.barrier()
     if rank == 0:

@@ -22,7 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _world_size_from_env() -> int | None:
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: only srun steps set it; a batch script's SLURM_NTASKS is the
+    # allocation's task count even when it runs a single process (same order as dims.init_distributed).
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
         if key in os.environ:
             return int(os.environ[key])
     return None
@@ -58,6 +60,11 @@ def train_main(argv: list[str] | None = None) -> None:
         print(f"[sdt-dist] rank {dims.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.stderr.flush()
         os._exit(2)
+    except SystemExit as e:
+        # The trainer's SIGTERM/SIGUSR1 stop (checkpoint written) exits 0 from inside fit: take the same
+        # clean shutdown as a finished run, so a Slurm requeue is not failed by the exit-time abort below.
+        if e.code not in (0, None):
+            raise
     destroy_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

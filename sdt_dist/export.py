@@ -28,9 +28,11 @@ def _gather_tp(t: torch.Tensor, like: torch.nn.Parameter, tp_group: dist.Process
 
 
 def gather_full_state(named: list[tuple[str, torch.nn.Parameter]], tensors: list[torch.Tensor] | None,
-                      tp_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
-    """Full fp32 weights. `tensors` gives the local (TP-shard) values when they are not the params'
-    own (the teacher keeps them in shards); otherwise ZeRO-3 partitions are gathered. Collective."""
+                      tp_group: dist.ProcessGroup | None,
+                      pp_group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of `named` (this rank's). `tensors` gives the local (TP-shard) values when they are
+    not the params' own (the teacher keeps them in shards); otherwise ZeRO-3 partitions are gathered.
+    With `pp_group`, the stages' parts are merged on the group's first rank. Collective."""
     import deepspeed
 
     out = {}
@@ -41,6 +43,11 @@ def gather_full_state(named: list[tuple[str, torch.nn.Parameter]], tensors: list
             with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
                 local = p.detach().float().clone()
         out[name] = _gather_tp(local.float(), p, tp_group).cpu().contiguous()
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        first = dist.get_process_group_ranks(pp_group)[0]
+        parts = [None] * dist.get_world_size(pp_group) if dist.get_rank() == first else None
+        dist.gather_object(out, parts, dst=first, group=pp_group)
+        out = {k: v for part in parts for k, v in part.items()} if parts is not None else {}
     return out
 
 

@@ -13,13 +13,15 @@ Parameters of frozen layers are copied (tau = 0), not averaged. Predictors are n
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from sdt_dist.model.gpt import GPTModel, GPTOutput
+from sdt_dist.model.gpt import GPTOutput
 
 
 def _is_zero3(p: torch.nn.Parameter) -> bool:
@@ -31,8 +33,10 @@ def _numel(p: torch.nn.Parameter) -> int:
 
 
 class EmaTeacher:
-    def __init__(self, module: GPTModel, student: GPTModel, dp_group: dist.ProcessGroup | None,
+    def __init__(self, module: torch.nn.Module, student: torch.nn.Module, dp_group: dist.ProcessGroup | None,
                  compute_dtype: torch.dtype) -> None:
+        """`module`: the teacher's modules on this rank (a GPTModel, or a pipeline stage's pieces); `student`:
+        the matching student modules, parameters in the same order."""
         self.module = module.eval()
         self.module.requires_grad_(False)
         self.dp_group = dp_group
@@ -111,13 +115,19 @@ class EmaTeacher:
         full = self._gather()
         return [self._unflatten(full, i).clone() for i in range(len(self.params))]
 
-    @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> GPTOutput:
+    @contextlib.contextmanager
+    def materialized(self) -> Iterator[None]:
+        """Teacher weights gathered for the duration (a pipeline stage keeps them over a whole batch)."""
         self._materialize()
         try:
-            return self.module(tokens)
+            yield
         finally:
             self._release()
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> GPTOutput:
+        with self.materialized():
+            return self.module(tokens)
 
     __call__ = forward
 

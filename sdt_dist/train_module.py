@@ -5,8 +5,10 @@ freezing state. The trainer drives it; `train_step.py` is the algorithm written 
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state as ps
 
 from sdt_dist.config import Config
+from sdt_dist.export import gather_full_state
 from sdt_dist.freezing import frozen_parameters, restore_optimizer_state, snapshot_optimizer_state
 from sdt_dist.layerdrop import layer_probs
 from sdt_dist.model import GPTModel, student_layer_specs, teacher_layer_specs, transformer_config
@@ -19,6 +21,7 @@ from sdt_dist.parallel.engine import (
     model_init_context,
     param_groups,
 )
+from sdt_dist.parallel.pipeline import PipeContext, build_pipeline_module, stage_pieces
 from sdt_dist.predictor import build_predictors, predictor_spec
 from sdt_dist.schedules import layer_map
 from sdt_dist.teacher import EmaTeacher
@@ -36,33 +39,53 @@ class SDTrainModule:
         # Same seed on every rank: identical master weights, split by TP and partitioned by ZeRO.
         torch.manual_seed(cfg.train.seed)
         with model_init_context(self.ds_config, dims):
-            self.student = Student(
-                GPTModel(tconf, student_layer_specs(self.drop_probs), m.vocab_size, m.tie_embeddings, m.rope_base),
-                build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std),
-            )
-        self.frozen = 0
-        self.engine = self._build_engine()
+            gpt = GPTModel(tconf, student_layer_specs(self.drop_probs), m.vocab_size, m.tie_embeddings, m.rope_base)
+            predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std)
         teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers), m.vocab_size, m.tie_embeddings,
                                m.rope_base).to(device())
-        self.teacher = EmaTeacher(teacher_gpt, self.student.gpt, dims.dp_group if dims.dp > 1 else None,
-                                  self.dtype)
+        self.gpt = gpt  # under PP every rank builds the whole model (same init at any PP size), keeps its stage
+        self.teacher_gpt = teacher_gpt
+        self.frozen = 0
+        dp_group = dims.dp_group if dims.dp > 1 else None
+        if dims.pp == 1:
+            self.pipe_ctx = None
+            self.student = Student(gpt, predictors)
+            self.engine = self._build_engine()
+            self.ema_source: torch.nn.Module = gpt
+            self.teacher = EmaTeacher(teacher_gpt, gpt, dp_group, self.dtype)
+        else:
+            self.pipe_ctx = PipeContext(
+                seed=cfg.train.seed, drop_probs=self.drop_probs, temperature=d.temperature, lambda_kd=d.lambda_kd,
+                lambda_sd=d.lambda_sd, dtype=self.dtype, tp_group=dims.tp_group if dims.tp > 1 else None)
+            self.student = build_pipeline_module(gpt, predictors, teacher_gpt, self.pipe_ctx, dims)
+            self.engine = self._build_engine()
+            self.ema_source, teacher_pieces = stage_pieces(self.student)
+            self.teacher = EmaTeacher(teacher_pieces, self.ema_source, dp_group, self.dtype)
 
     def _build_engine(self):
         groups = param_groups(list(self.student.named_parameters()), self.cfg.train.weight_decay)
         t = self.cfg.train
         return initialize_engine(self.student, groups, self.ds_config, t.lr, tuple(t.betas), self.dims)
 
-    @property
-    def gpt(self) -> GPTModel:
-        return self.student.gpt
-
     def student_gpt_params(self) -> list[torch.nn.Parameter]:
-        return list(self.gpt.parameters())
+        """The student parameters the EMA teacher averages (this stage's, under PP), in its order."""
+        return list(self.ema_source.parameters())
 
     def frozen_indices(self) -> frozenset[int]:
         """Indices (in `student_gpt_params` order) of frozen parameters: the teacher copies them."""
         ids = {id(p) for p in frozen_parameters(self.gpt, self.frozen)}
         return frozenset(i for i, p in enumerate(self.student_gpt_params()) if id(p) in ids)
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Full student and teacher weights under GPTModel names (collective; complete on global rank 0)."""
+        local_ids = {id(p) for p in self.student_gpt_params()}
+        student = [(n, p) for n, p in self.gpt.named_parameters() if id(p) in local_ids]
+        teacher_values = dict(zip((id(p) for p in self.teacher.params), self.teacher.full_parameters()))
+        teacher = [(n, p) for n, p in self.teacher_gpt.named_parameters() if id(p) in teacher_values]
+        tp_group = self.dims.tp_group if self.dims.tp > 1 else None
+        pp_group = ps.get_pipeline_model_parallel_group() if self.dims.pp > 1 else None
+        return (gather_full_state(student, None, tp_group, pp_group),
+                gather_full_state(teacher, [teacher_values[id(p)] for _, p in teacher], tp_group, pp_group))
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -74,7 +97,7 @@ class SDTrainModule:
         `carry_state=False` is for a resume, where the checkpoint restores the optimizer anyway."""
         if num_frozen <= self.frozen:
             return
-        newly = frozen_parameters(self.gpt, num_frozen)
+        newly = frozen_parameters(self.gpt, num_frozen)  # under PP, some live on other stages: harmless
         newly_ids = {id(p) for p in newly}
         kept = [p for p in self.student.parameters() if p.requires_grad and id(p) not in newly_ids]
         snap = snapshot_optimizer_state(self.engine, kept) if carry_state else None

@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 
 from sdt_dist import losses
 from sdt_dist.layerdrop import sample_dropped
+from sdt_dist.parallel.pipeline import batch_to_pipe
 from sdt_dist.schedules import aligned_layers_at, frozen_layers_at, lr_at, tau_at
 from sdt_dist.train_module import SDTrainModule
 
@@ -79,6 +80,21 @@ def train_step(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor]], 
     result = StepResult(lr=lr_at(step, cfg.train), tau=tau_at(step, cfg.distill, max_steps),
                         frozen_layers=tm.frozen, aligned_layers=aligned)
     tm.set_lr(result.lr)
+    if tm.pipe_ctx is not None:
+        _pipeline_batch(tm, micro_batches, step, aligned, result)
+    else:
+        _micro_batches(tm, micro_batches, step, aligned, result)
+    if result.skipped:
+        return result
+    # 5. EMA update of the teacher, from the student after this step (frozen parameters copied)
+    tm.teacher.update(tm.student_gpt_params(), result.tau, tm.frozen_indices())
+    # 6. freezing milestones: the step count after this step decides
+    tm.freeze(frozen_layers_at(step + 1, cfg.distill, cfg.model.num_layers, max_steps))
+    return result
+
+
+def _micro_batches(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor]], step: int, aligned: list[int],
+                   result: StepResult) -> None:
     sums = {"total": 0.0, "lm": 0.0, "kd": 0.0, "align": 0.0}
     dropped_any: set[int] = set()
     for micro, batch in enumerate(micro_batches):
@@ -98,10 +114,25 @@ def train_step(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor]], 
     result.loss, result.loss_lm, result.loss_kd, result.loss_align = (
         sums["total"], sums["lm"], sums["kd"], sums["align"])
     result.dropped_layers = sorted(dropped_any)
-    if result.skipped:
-        return result
-    # 5. EMA update of the teacher, from the student after this step (frozen parameters copied)
-    tm.teacher.update(tm.student_gpt_params(), result.tau, tm.frozen_indices())
-    # 6. freezing milestones: the step count after this step decides
-    tm.freeze(frozen_layers_at(step + 1, cfg.distill, cfg.model.num_layers, max_steps))
-    return result
+
+
+def _pipeline_batch(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor]], step: int,
+                    aligned: list[int], result: StepResult) -> None:
+    """Steps 1-4 under pipeline parallelism: the engine's schedule runs student and teacher forward
+    stage by stage (alignment terms per stage, KD on the last), backward and the optimizer step."""
+    ctx = tm.pipe_ctx
+    ctx.step, ctx.frozen, ctx.aligned, ctx.training = step, tm.frozen, frozenset(aligned), True
+    ctx.terms.clear()
+    data = iter([batch_to_pipe(b, m) for m, b in enumerate(micro_batches)])
+    with tm.teacher.materialized():
+        tm.engine.train_batch(data_iter=data)
+    # the loss terms exist on the last stage: share them with the other stages of this pipeline
+    terms = torch.tensor([[t[k] for k in ("total", "lm", "kd", "align")] for t in ctx.terms] or [[0.0] * 4],
+                         dtype=torch.float64).mean(0)
+    dist.broadcast(terms, src=ps.get_pipeline_model_parallel_last_rank(),
+                   group=ps.get_pipeline_model_parallel_group())
+    result.loss, result.loss_lm, result.loss_kd, result.loss_align = terms.tolist()
+    # Known limit: the schedule has already stepped, so a non-finite loss cannot be skipped under PP.
+    result.dropped_layers = sorted(set().union(*(sample_dropped(tm.drop_probs, tm.cfg.train.seed, step, m)
+                                                 for m in range(len(micro_batches)))))
+    result.tokens = int(sum(b["loss_mask"].sum().item() for b in micro_batches))

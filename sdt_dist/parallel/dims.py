@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -49,20 +51,70 @@ class ParallelDims:
         return (f"world={self.world_size} TP={self.tp} PP={self.pp} DP={self.dp} ZeRO={self.zero_stage}")
 
 
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def _mpi_rank_env() -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* of an mpirun (or `srun --mpi=...`) launch, from MPI.COMM_WORLD."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        found = [k for k in _MPI_ENV if k in os.environ]
+        raise RuntimeError(f"started by an MPI launcher ({found[0]} is set) but mpi4py is not installed: "
+                           f"pip install -e '.[mpi]' (or use srun --mpi=none for SLURM_PROCID discovery)") from None
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, one_node = node.Get_rank(), node.Get_size() == comm.Get_size()
+    node.Free()
+    # Rank 0 decides for everyone. One node: loopback (DeepSpeed's own MPI discovery takes the first
+    # `hostname -I` address, which need not be reachable); several: rank 0's host name.
+    addr, port = comm.bcast((os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_node else socket.gethostname()),
+                             os.environ.get("MASTER_PORT", "29500")), root=0)
+    out = {"RANK": str(comm.Get_rank()), "WORLD_SIZE": str(comm.Get_size()), "LOCAL_RANK": str(local_rank),
+           "MASTER_ADDR": addr, "MASTER_PORT": port}
+    # MPI is only needed for this exchange. Finalize now: Open MPI's mpirun fails a job whose ranks exit
+    # without MPI_Finalize (the CLI ends with os._exit), and forking after MPI_Init is unsafe on some fabrics.
+    MPI.Finalize()
+    return out
+
+
+def _slurm_rank_env() -> dict[str, str]:
+    """The same for one process per rank started by `srun` (SLURM_STEP_NUM_TASKS is set in srun steps only,
+    not in the batch script, whose SLURM_NTASKS/SLURM_PROCID describe the allocation)."""
+    env = os.environ
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        try:  # the first host of the step
+            addr = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]], check=True,
+                                  capture_output=True, text=True).stdout.split()[0]
+        except (OSError, KeyError, IndexError, subprocess.CalledProcessError) as e:
+            raise RuntimeError(f"srun launch: set MASTER_ADDR (not derivable from SLURM_STEP_NODELIST: {e})") from None
+    port = env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr, "MASTER_PORT": port}
+
+
 def init_distributed(timeout_s: int = 600) -> None:
     """Start torch.distributed through DeepSpeed (NCCL on CUDA, gloo/ccl on CPU: the accelerator decides).
 
-    Works under the deepspeed launcher, torchrun, Slurm, and mpirun (DeepSpeed's MPI discovery), and as a
-    single process with no launcher at all.
+    Works under the deepspeed launcher and torchrun (they set RANK etc.), under mpirun or `srun --mpi=...`
+    (mpi4py), under plain `srun` (SLURM_PROCID), and as a single process with no launcher at all.
     """
     import deepspeed
 
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "RANK" not in os.environ:
+        # MPI first: mpirun inside a Slurm allocation starts its daemons with srun, so its ranks also
+        # inherit the daemons' SLURM_PROCID.
+        if any(k in os.environ for k in _MPI_ENV):
+            os.environ.update(_mpi_rank_env())
+        elif "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
+            os.environ.update(_slurm_rank_env())
+        else:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
 
 

@@ -49,6 +49,10 @@ def build_ds_config(cfg: Config, dp: int) -> dict[str, Any]:
                           f"{cfg.parallel.ds_config} (stage {zero['stage']})")
     zero["stage"] = cfg.parallel.zero_stage
     base["gradient_clipping"] = t.grad_clip
+    if cfg.parallel.pipeline > 1:
+        # Stages exchange several tensors (student state, teacher bits, alignment sum); DeepSpeed can split
+        # only a tuple's first tensor over the TP ranks, and only when nothing else in it needs a gradient.
+        base.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
     base.setdefault("zero_allow_untested_optimizer", True)
     base.setdefault("steps_per_print", 10**9)
     base.setdefault("wall_clock_breakdown", False)
@@ -87,8 +91,9 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], ds_config: di
     import deepspeed
 
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+    # The pipeline engine takes its groups from the PipelineModule's topology and refuses an mpu.
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=copy.deepcopy(ds_config), mpu=MegatronMpu(),
-        dist_init_required=False,
+        model=module, optimizer=optimizer, config=copy.deepcopy(ds_config),
+        mpu=MegatronMpu() if dims.pp == 1 else None, dist_init_required=False,
     )
     return engine

@@ -37,7 +37,8 @@ def main() -> None:
     in_opt = any(id(p) in ids for g in inner.param_groups for p in g["params"])
     in_opt = in_opt or any(id(p) in ids for p in inner.state)
     rank_info = torch.tensor([[tm.teacher.local_numel(), tm.teacher.full_numel(), ema_err, float(unchanged),
-                               float(in_opt), out["opt_numel"][0], out["opt_numel"][-1], len(frozen_idx)]], dtype=torch.float64)
+                               float(in_opt), out["opt_numel"][0], out["opt_numel"][-1], len(frozen_idx)]],
+                             dtype=torch.float64)
     gathered = [torch.zeros_like(rank_info) for _ in range(dims.world_size)]
     dist.all_gather(gathered, rank_info)
     if dims.rank == 0:

@@ -107,8 +107,31 @@ def resolve(resume: str, ckpt_root: Path) -> Path | None:
     return path
 
 
+# Globals DeepSpeed's own checkpoint files legitimately reference (seen in ZeRO 0-3 and pipeline files).
+_SAFE_DEEPSPEED_GLOBALS = {
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
+
+
+def refuse_unsafe_pickles(path: Path) -> None:
+    """DeepSpeed loads its files with `weights_only=False`, which would run any code a tampered pickle
+    carries: inspect every pickle first (without executing it) and refuse unknown globals."""
+    for file in sorted(path.glob("*.pt")):
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+        except (ValueError, RuntimeError, OSError) as e:  # e.g. a legacy raw pickle, not a torch.save archive
+            raise ValueError(f"{file}: not a checkpoint file written by torch.save ({e}); refusing to load it") from None
+        unsafe = set(found) - _SAFE_DEEPSPEED_GLOBALS
+        if unsafe:
+            raise ValueError(f"{file}: refusing to load a checkpoint file that references {sorted(unsafe)}; "
+                             f"it was not written by sdt-dist/DeepSpeed or has been tampered with")
+
+
 def load(tm: SDTrainModule, path: Path) -> dict[str, Any]:
     """Restore module, optimizer, teacher and RNG state; returns the per-rank extra state."""
+    refuse_unsafe_pickles(path)
     rank = dist.get_rank()
     extra_path = path / f"rank_{rank:05d}.pt"
     if not extra_path.is_file():

@@ -55,7 +55,7 @@ def train_main(argv: list[str] | None = None) -> None:
     log0(f"parallel layout: {dims.describe()}")
     try:
         Trainer(cfg, dims).fit()
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         # bad input: one clear line on every rank, not a traceback from inside a library
         print(f"[sdt-dist] rank {dims.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.stderr.flush()

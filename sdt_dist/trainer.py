@@ -93,6 +93,10 @@ class Trainer:
             num_valid_samples=max(t.eval_samples, t.micro_batch_size * dims.dp))
         self.tokenizer_sha = load_tokenizer(prepared[0]).sha256
         self.tm = SDTrainModule(cfg, dims)
+        teacher = self.tm.teacher
+        log0(f"EMA teacher storage per rank: {teacher.local_numel():,} fp32 values "
+             f"({teacher.local_numel() * 4 / 2**20:.1f} MiB) = 1/{dims.dp} of this stage's/TP shard's "
+             f"{teacher.full_numel():,}")
         self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard)
         self.step = 0
         self.consumed = 0

@@ -28,6 +28,7 @@ def test_tiny_yaml_loads_with_overrides():
     ("train.max_steps=1.5", "train.max_steps"),
     ("train.global_batch_size=6", "train.global_batch_size"),
     ("parallel.zero_stage=4", "parallel.zero_stage"),
+    ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
     ("parallel.pipeline=2", "parallel.pipeline"),  # with ZeRO-2 below
 ])
 def test_invalid_values_name_the_key(override, key):

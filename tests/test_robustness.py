@@ -121,3 +121,28 @@ def test_corrupted_shard_stops_every_rank_before_training(small_prepared, tmp_pa
     assert proc.stderr.count("train-00000.bin") >= 2  # named on both ranks
     assert "rank 0: DataError" in proc.stderr and "rank 1: DataError" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (open, ("/tmp/sdt_pwned_marker", "w"))
+
+
+def test_tampered_checkpoint_pickle_is_refused_before_it_runs(tmp_path):
+    import pickle
+
+    from sdt_dist.checkpoint import refuse_unsafe_pickles
+
+    marker = __import__("pathlib").Path("/tmp/sdt_pwned_marker")
+    marker.unlink(missing_ok=True)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "mp_rank_00_model_states.pt")
+    refuse_unsafe_pickles(tmp_path)  # a clean file passes
+    bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"state": _Payload()}, bad)  # a torch.save archive whose pickle calls open()
+    with pytest.raises(ValueError, match=r"io\.open"):
+        refuse_unsafe_pickles(tmp_path)
+    with open(bad, "wb") as f:  # a legacy raw pickle, which torch.load(weights_only=False) would execute
+        pickle.dump({"state": _Payload()}, f)
+    with pytest.raises(ValueError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        refuse_unsafe_pickles(tmp_path)
+    assert not marker.exists()  # inspected, never executed

@@ -122,7 +122,7 @@ def refuse_unsafe_pickles(path: Path) -> None:
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
         except (ValueError, RuntimeError, OSError) as e:  # e.g. a legacy raw pickle, not a torch.save archive
-            raise ValueError(f"{file}: not a checkpoint file written by torch.save ({e}); refusing to load it") from None
+            raise ValueError(f"{file}: not a file written by torch.save ({e}); refusing to load it") from None
         unsafe = set(found) - _SAFE_DEEPSPEED_GLOBALS
         if unsafe:
             raise ValueError(f"{file}: refusing to load a checkpoint file that references {sorted(unsafe)}; "

@@ -100,8 +100,11 @@ def _micro_batches(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor
     for micro, batch in enumerate(micro_batches):
         terms, dropped = sdt_losses(tm, batch, step, micro, aligned)
         if not _all_finite(terms["total"]):
-            # Nothing has been applied yet only when this is the first micro-batch; later ones would have
-            # accumulated gradients, so non-finite steps are supported with one micro-batch per step.
+            if micro > 0:
+                # Earlier micro-batches already accumulated gradients inside DeepSpeed, and its accumulation
+                # counter has moved: there is no clean way back, so stop rather than corrupt the step.
+                raise RuntimeError(f"non-finite loss in micro-batch {micro} of step {step}; the step cannot be "
+                                   f"skipped after gradient accumulation began. Resume from the last checkpoint.")
             result.skipped = True
             break
         # 4. backward; the engine applies AdamW (with clipping) at the accumulation boundary

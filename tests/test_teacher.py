@@ -44,3 +44,18 @@ def test_frozen_layers_are_copied_not_averaged(single_rank):
     # unfrozen ones are still averages (differ from the student)
     unfrozen = [i for i in range(len(out["teacher"])) if i not in frozen]
     assert any(not torch.equal(out["teacher"][i], out["history"][-1][i]) for i in unfrozen)
+
+
+def test_bf16_training_keeps_fp32_teacher_shards_and_runs_the_teacher_in_bf16(single_rank):
+    from sdt_dist.train_module import SDTrainModule
+    from sdt_dist.train_step import train_step
+    from tests.helpers import random_batch
+
+    cfg = make_cfg("parallel.ds_config=ds_configs/bf16.json", "parallel.zero_stage=1", *NO_FREEZE)
+    tm = SDTrainModule(cfg, single_rank)
+    assert tm.dtype == torch.bfloat16 and tm.teacher.shard.dtype == torch.float32
+    res = train_step(tm, [random_batch(cfg, 0)], 0)
+    assert not res.skipped and all(map(torch.isfinite, torch.tensor([res.loss, res.loss_kd, res.loss_align])))
+    out = tm.teacher(random_batch(cfg, 1)["tokens"])
+    assert out.logits.dtype == torch.bfloat16
+    assert all(p.numel() == 0 for p in tm.teacher.module.parameters())  # released after the forward

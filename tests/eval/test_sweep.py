@@ -1,0 +1,185 @@
+"""The sweep: arms from a YAML, resume (finished arms are not redone), and aggregation, with fake steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sdt_dist.config import ConfigError
+from sdt_dist.eval.sweep import (
+    aggregate,
+    arms,
+    config_sha256,
+    load_spec,
+    markdown_tables,
+    mean_std,
+    metric,
+    run,
+    write_outputs,
+)
+from tests.helpers import REPO
+
+BASE = {
+    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 16},
+    "parallel": {"ds_config": None},
+    "data": {"prepared": ["unused"]},
+    "train": {"max_steps": 7, "micro_batch_size": 4, "global_batch_size": 4, "warmup_steps": 1},
+}
+
+
+def write_sweep(tmp_path: Path, **extra) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    sweep = {
+        "base": str(tmp_path / "base.yaml"), "out_dir": str(tmp_path / "out"), "seeds": [1, 2],
+        "eval": {"data": ["heldout=somewhere"], "prune": [1, 2]},
+        "variants": [
+            {"name": "baseline", "label": "GPT baseline", "set": ["distill.lambda_kd=0", "distill.lambda_sd=0"]},
+            {"name": "sdt", "label": "SelfDistil-T"},
+            {"name": "ema_only", "label": "EMA-only", "train_as": "baseline", "weights": "teacher"},
+        ],
+        "tables": [{"name": "t1", "title": "Table 1", "rows": ["baseline", "ema_only", "sdt"], "pruning_plot": True,
+                    "columns": [{"label": "ppl", "metric": "datasets.heldout.ppl"},
+                                {"label": "prune 2", "metric": "pruning.increase_pct.2"}]}],
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+class FakeSteps:
+    """Training writes a final checkpoint as the trainer does (meta.json last); evaluation an eval.json."""
+
+    def __init__(self, fail: set[str] = frozenset()):
+        self.trained: list[str] = []
+        self.evaluated: list[str] = []
+        self.fail = fail
+
+    def train(self, spec, arm):
+        self.trained.append(arm.name)
+        if arm.name in self.fail:
+            raise RuntimeError("boom")
+        ckpt = arm.final_checkpoint
+        (ckpt / "export").mkdir(parents=True)
+        (ckpt / "export" / "student.safetensors").write_bytes(b"")
+        (ckpt / "meta.json").write_text(json.dumps({"config_sha256": config_sha256(arm.config)}))
+
+    def evaluate(self, spec, arm):
+        self.evaluated.append(arm.name)
+        value = 100.0 + arm.seed + (10.0 if arm.variant.name == "sdt" else 0.0)
+        report = {"step": arm.config.train.max_steps, "weights": arm.variant.weights,
+                  "datasets": {"heldout": {"ppl": value}},
+                  "pruning": {"dataset": "heldout", "removed": [0, 1, 2],
+                              "increase_pct": {"0": 0.0, "1": arm.seed, "2": 2.0 * arm.seed}}}
+        arm.eval_dir.mkdir(parents=True, exist_ok=True)
+        arm.eval_json.write_text(json.dumps(report))
+
+
+def test_arms_and_overrides(tmp_path):
+    spec = load_spec(write_sweep(tmp_path))
+    selected = arms(spec)
+    assert [a.name for a in selected] == ["baseline/seed1", "baseline/seed2", "sdt/seed1", "sdt/seed2",
+                                          "ema_only/seed1", "ema_only/seed2"]
+    ema = selected[4]
+    assert ema.train_dir == selected[0].train_dir and ema.eval_dir != selected[0].eval_dir
+    assert ema.config.distill.lambda_kd == 0 and ema.config.train.seed == 1
+    assert f"train.out_dir={ema.train_dir}" in ema.overrides
+    # asking for ema_only alone brings its training arm along
+    assert [a.name for a in arms(spec, ["ema_only"], [2])] == ["baseline/seed2", "ema_only/seed2"]
+
+
+def test_resume_skips_finished_arms(tmp_path):
+    spec = load_spec(write_sweep(tmp_path))
+    steps = FakeSteps()
+    assert run(spec, arms(spec), steps.train, steps.evaluate, log=lambda _: None) == []
+    assert steps.trained == ["baseline/seed1", "baseline/seed2", "sdt/seed1", "sdt/seed2"]  # ema_only reuses
+    assert len(steps.evaluated) == 6
+
+    again = FakeSteps()
+    run(spec, arms(spec), again.train, again.evaluate, log=lambda _: None)
+    assert again.trained == [] and again.evaluated == []
+
+    # an interrupted arm: evaluated-but-deleted report -> evaluate only; lost final checkpoint -> retrain
+    (spec.out_dir / "sdt" / "seed2" / "eval" / "eval.json").unlink()
+    meta = spec.out_dir / "baseline" / "seed1" / "checkpoints" / "step_00000007" / "meta.json"
+    meta.unlink()
+    (meta.parent / "export" / "student.safetensors").unlink()
+    (meta.parent / "export").rmdir()
+    third = FakeSteps()
+    run(spec, arms(spec), third.train, third.evaluate, log=lambda _: None)
+    assert third.trained == ["baseline/seed1"]
+    assert third.evaluated == ["baseline/seed1", "sdt/seed2", "ema_only/seed1"]
+
+
+def test_grown_eval_section_reevaluates_without_training(tmp_path):
+    spec = load_spec(write_sweep(tmp_path))
+    steps = FakeSteps()
+    run(spec, arms(spec, ["sdt"], [1]), steps.train, steps.evaluate, log=lambda _: None)
+    spec.eval["prune"] = [1, 2, 3]
+    again = FakeSteps()
+    run(spec, arms(spec, ["sdt"], [1]), again.train, again.evaluate, log=lambda _: None)
+    assert again.trained == [] and again.evaluated == ["sdt/seed1"]
+
+
+def test_failures_do_not_stop_the_sweep_and_stale_checkpoints_are_refused(tmp_path):
+    spec = load_spec(write_sweep(tmp_path))
+    steps = FakeSteps(fail={"baseline/seed1"})
+    failed = run(spec, arms(spec), steps.train, steps.evaluate, log=lambda _: None)
+    assert failed == ["baseline/seed1", "ema_only/seed1"]  # ema_only/seed1 has no training to evaluate
+    assert "sdt/seed2" in steps.evaluated
+
+    # the YAML changes an arm's config: its old final checkpoint must not be reused
+    path = write_sweep(tmp_path, set=["train.lr=1.0e-3"])
+    spec = load_spec(path)
+    logs: list[str] = []
+    failed = run(spec, arms(spec, ["sdt"], [1]), FakeSteps().train, FakeSteps().evaluate, log=logs.append)
+    assert failed == ["sdt/seed1"] and "another config" in logs[-1]
+
+
+def test_aggregate_mean_std_and_tables(tmp_path):
+    spec = load_spec(write_sweep(tmp_path))
+    steps = FakeSteps()
+    run(spec, arms(spec), steps.train, steps.evaluate, log=lambda _: None)
+    agg = aggregate(spec)
+    sdt = agg["tables"]["t1"]["rows"]["sdt"]["columns"]["ppl"]
+    assert sdt["values"] == [111.0, 112.0] and sdt["mean"] == 111.5
+    assert sdt["std"] == pytest.approx(0.5 ** 0.5)
+    md = markdown_tables(spec, agg)
+    assert "| SelfDistil-T | 2 | 111.50 ± 0.71 | 3.0000 ± 1.4142 |" in md
+    paths = write_outputs(spec)
+    assert all(p.is_file() for p in paths) and any(p.suffix == ".png" for p in paths)
+
+
+def test_metric_paths_and_mean_std():
+    report = {"a": {"b": 2, "c": {"1": 3.5}}}
+    assert metric(report, "a.b") == 2.0 and metric(report, "a.c.1") == 3.5
+    assert metric(report, "a.x") is None and metric(report, "a.b.c") is None
+    assert mean_std([4.0]) == (4.0, None)
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"bogus": 1}, "unknown sweep key"),
+    ({"variants": [{"name": "a"}, {"name": "b", "train_as": "c"}]}, "train_as"),
+    ({"tables": [{"name": "t", "rows": ["nope"], "columns": []}]}, "unknown variant"),
+])
+def test_bad_spec_is_rejected(tmp_path, bad, message):
+    path = write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw.update(bad)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_spec(path)
+
+
+def test_shipped_sweeps_resolve():
+    """Every arm of every shipped sweep YAML is a valid training config."""
+    for path in sorted((REPO / "launchers" / "configs" / "sweeps").glob("*.yaml")):
+        spec = load_spec(path)
+        selected = arms(spec)
+        assert selected, path
+        for table in spec.tables:
+            assert set(table.rows) <= set(spec.variants), (path, table.name)

@@ -1,0 +1,49 @@
+"""TP-aware evaluation statistics on real ranks: each rank holds a vocab slice of the same logits; the
+statistics reduced over the TP group must equal those of the full logits on one device.
+
+usage: torchrun --nproc_per_node N tests/eval/workers/tp_stats.py OUT.json
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from sdt_dist.eval.metrics import EvalAccumulator, token_stats
+from sdt_dist.parallel.dims import destroy_parallel, init_parallel
+
+
+def main() -> None:
+    dims = init_parallel(2, 1, 0)
+    g = torch.Generator().manual_seed(0)
+    vocab = 64
+    results = {}
+    for name, logits in {
+        "random": torch.randn(3, 9, vocab, generator=g) * 4,
+        "ties": torch.randint(-2, 2, (3, 9, vocab), generator=g).float(),  # maxima on both ranks
+    }.items():
+        labels = torch.randint(0, vocab, (3, 9), generator=g)
+        width = vocab // dims.tp
+        local = logits[..., dims.tp_rank * width : (dims.tp_rank + 1) * width]
+        tp_stats = token_stats(local, labels, dims.tp_group)
+        ref = token_stats(logits, labels)
+        acc_tp, acc_ref = EvalAccumulator(), EvalAccumulator()
+        acc_tp.update(tp_stats)
+        acc_ref.update(ref)
+        results[name] = {
+            "nll_err": (tp_stats.nll - ref.nll).abs().max().item(),
+            "conf_err": (tp_stats.confidence - ref.confidence).abs().max().item(),
+            "correct_equal": bool(torch.equal(tp_stats.correct, ref.correct)),
+            "ppl": [acc_tp.perplexity, acc_ref.perplexity],
+            "ece": [acc_tp.ece, acc_ref.ece],
+            "accuracy": [acc_tp.accuracy, acc_ref.accuracy],
+        }
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

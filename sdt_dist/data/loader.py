@@ -5,6 +5,7 @@ resumes at an exact consumed-sample count, and token windows over a raw text fil
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sdt_dist.data.errors import DataError
-from sdt_dist.data.manifest import verify_prepared
+from sdt_dist.data.manifest import manifest_files, verify_prepared
 from sdt_dist.data.tokenizer import Tokenizer, load_tokenizer
 
 Blend = tuple[list[str], list[float]]
@@ -80,11 +81,12 @@ def build_datasets(
     ``weights``: one per directory (None: in proportion to their tokens). The sample order is a
     function of ``seed`` and the data only. The valid dataset is None when ``num_valid_samples`` is 0.
 
-    Index caches go to ``cache_dir`` (default: the first directory's ``cache/``). With torch.distributed
-    initialised, every rank must call this: megatron-core builds the caches on rank 0 first. Without
-    it, pass ``barrier`` so that ``rank`` 0 (default: $RANK, else 0) builds before the others read.
+    Index caches go to a subdirectory, named by the data's checksums, of ``cache_dir`` (default: the
+    first directory's ``cache/``). With torch.distributed initialised, every rank must call this:
+    megatron-core builds the caches on rank 0 first. Without it, pass ``barrier`` so that ``rank`` 0
+    (default: $RANK, else 0) builds them before the other processes read them.
     """
-    dirs = [Path(d) for d in prepared_dirs]
+    dirs = [Path(prepared_dirs)] if isinstance(prepared_dirs, str | Path) else [Path(d) for d in prepared_dirs]
     if not dirs:
         raise DataError("no prepared directories given")
     if weights is not None and (len(weights) != len(dirs) or min(weights) < 0 or sum(weights) <= 0):
@@ -104,11 +106,16 @@ def build_datasets(
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    # megatron-core keys its caches by shard path, not content: a subdirectory per exact data content
+    # keeps a rebuilt directory from ever meeting stale indices.
+    content = hashlib.sha256(
+        "".join(sha for m in manifests for _, _, sha in manifest_files(m)).encode()
+    ).hexdigest()[:16]
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend_per_split=[train_blend, valid_blend, None],
-        path_to_cache=str(Path(cache_dir) if cache_dir is not None else dirs[0] / "cache"),
+        path_to_cache=str((Path(cache_dir) if cache_dir is not None else dirs[0] / "cache") / content),
         tokenizer=tokenizers[0],
         reset_position_ids=False,
         reset_attention_mask=False,

@@ -42,6 +42,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, its own checksum field left out."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     path = Path(prepared_dir) / MANIFEST_NAME
     if not path.is_file():
@@ -56,6 +62,9 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise DataError(f"{path}: unknown manifest format {found!r} (expected {MANIFEST_FORMAT!r})")
+    # The manifest vouches for every other file; its own checksum catches an edit to it.
+    if manifest.get("manifest_sha256") != manifest_checksum(manifest):
+        raise DataError(f"{path}: altered (its content does not match its manifest_sha256); {REBUILD_HINT}")
     return manifest
 
 

@@ -35,17 +35,21 @@ def prepare_corpus(
     """
     out = Path(out_dir)
     if (out / MANIFEST_NAME).exists():
-        manifest = read_manifest(out)
-        if tokenizer_model is None and manifest["tokenizer"]["vocab_size"] != vocab_size:
-            raise DataError(
-                f"{out / MANIFEST_NAME}: prepared with a {manifest['tokenizer']['vocab_size']}-piece tokenizer, "
-                f"not {vocab_size}; use another out_dir"
-            )
         try:
-            verify_prepared(out)
-            return out
+            manifest = read_manifest(out)
         except DataError as e:
-            logger.warning("%s; repairing", e)
+            logger.warning("%s; rebuilding", e)
+        else:
+            if tokenizer_model is None and manifest["tokenizer"]["vocab_size"] != vocab_size:
+                raise DataError(
+                    f"{out / MANIFEST_NAME}: prepared with a {manifest['tokenizer']['vocab_size']}-piece "
+                    f"tokenizer, not {vocab_size}; use another out_dir"
+                )
+            try:
+                verify_prepared(out)
+                return out
+            except DataError as e:
+                logger.warning("%s; repairing", e)
     if tokenizer_model is None:
         tok_dir = out / TOKENIZER_DIR
         if not trained_tokenizer_ok(tok_dir, vocab_size):

@@ -47,6 +47,7 @@ from sdt_dist.data.manifest import (
     MANIFEST_NAME,
     check_files,
     files_sha256,
+    manifest_checksum,
     manifest_files,
     read_manifest,
     write_json_atomic,
@@ -104,8 +105,9 @@ class BuildReport:
             f"{inp['invalid_utf8_replaced']:,} with invalid UTF-8 replaced)"
         ]
         for name, split in m["splits"].items():
+            shards = len(split["shards"])
             parts.append(
-                f"{name} {split['docs']:,} docs / {split['tokens']:,} tokens in {len(split['shards'])} shards"
+                f"{name} {split['docs']:,} docs / {split['tokens']:,} tokens in {shards} shard{'s' * (shards != 1)}"
             )
         if self.already_complete:
             return "; ".join(parts) + "; already complete and verified, nothing to do"
@@ -176,9 +178,7 @@ class _ShardWriter:
     def close(self) -> dict[str, Any]:
         tmp_bin, tmp_idx = self._tmp("bin"), self._tmp("idx")
         self._builder.finalize(str(tmp_idx))
-        for path in (tmp_bin, tmp_idx):  # durable before the rename makes the shard count as done
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+        # No fsync needed: a resume re-checks the sha256 of every recorded shard before keeping it.
         shas = files_sha256([tmp_bin, tmp_idx])
         files = {}
         for tmp, sha in zip((tmp_bin, tmp_idx), shas, strict=True):
@@ -206,15 +206,17 @@ class _Encoder:
     """encode_chunk in ``workers`` spawned processes, or in this process when ``workers == 0``."""
 
     def __init__(self, workers: int, model_path: Path, dtype: type[np.integer]) -> None:
-        args = (str(model_path), np.dtype(dtype).name)
+        model, dtype_name = str(model_path), np.dtype(dtype).name
         self._pool: ProcessPoolExecutor | None = None
         if workers > 0:
             # spawn, not fork: the parent runs pyarrow and tqdm threads whose locks a fork would copy.
             # ProcessPoolExecutor rather than Pool: a worker killed by the OOM killer raises, not hangs.
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=args)
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+                initargs=(model, dtype_name, os.getpid()),
+            )
         else:
-            init_worker(*args)
+            init_worker(model, dtype_name)
 
     def submit(self, texts: list[str]) -> Future[EncodedChunk]:
         if self._pool is not None:
@@ -229,14 +231,16 @@ class _Encoder:
 
 
 def _chunks(batches: Iterable[list[str]], chunk_chars: int) -> Iterator[list[str]]:
+    """Regroup reader batches into chunks of about ``chunk_chars`` characters."""
     chunk: list[str] = []
     size = 0
     for texts in batches:
-        chunk += texts
-        size += sum(map(len, texts))
-        if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
+        for text in texts:
+            chunk.append(text)
+            size += len(text)
+            if size >= chunk_chars:
+                yield chunk
+                chunk, size = [], 0
     if chunk:
         yield chunk
 
@@ -368,15 +372,19 @@ def build_shards(
     file_docs: dict[int, int] = {}
     manifest_path = out / MANIFEST_NAME
     if manifest_path.exists():
-        old = read_manifest(out)
-        _check_same_build(old, manifest_path, settings, tok, corpus)
         try:
-            check_files(out, manifest_files(old), quick=False)
-            return BuildReport(out, old, time.perf_counter() - started, 0, 0, None, True)
-        except DataError as e:
-            logger.warning("%s; rebuilding what is damaged", e)
-        records = {r["name"]: r for split in old["splits"].values() for r in split["shards"]}
-        file_docs = {i: f["docs"] for i, f in enumerate(old["input"]["files"])}
+            old = read_manifest(out)
+        except DataError as e:  # nothing in it can be trusted: rebuild everything
+            logger.warning("%s; rebuilding", e)
+        else:
+            _check_same_build(old, manifest_path, settings, tok, corpus)
+            try:
+                check_files(out, manifest_files(old), quick=False)
+                return BuildReport(out, old, time.perf_counter() - started, 0, 0, None, True)
+            except DataError as e:
+                logger.warning("%s; rebuilding what is damaged", e)
+            records = {r["name"]: r for split in old["splits"].values() for r in split["shards"]}
+            file_docs = {i: f["docs"] for i, f in enumerate(old["input"]["files"])}
         manifest_path.unlink()
 
     progress_dir = out / PROGRESS_DIR
@@ -401,7 +409,10 @@ def build_shards(
         else:
             write_json_atomic(state_path, state)
         for path in records_dir.glob("*.json"):
-            record = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:  # cut short by a crash: that shard is simply rebuilt
+                continue
             records[record["name"]] = record
         return _build(
             corpus, out, tok, dtype, settings, records, file_docs, progress_dir, workers, progress,
@@ -553,6 +564,7 @@ def _build(
         },
         "splits": splits,
     }
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
     write_json_atomic(out / MANIFEST_NAME, manifest)
     shutil.rmtree(progress_dir)
     return BuildReport(

@@ -151,7 +151,13 @@ def _open_file(path: str, txt_unit: str) -> Any:
 def _open_hub(corpus: Corpus) -> Any:
     import datasets
 
-    return datasets.load_dataset(corpus.hub_name, corpus.hf_config, split=corpus.hf_split, streaming=True)
+    try:
+        return datasets.load_dataset(corpus.hub_name, corpus.hf_config, split=corpus.hf_split, streaming=True)
+    except Exception as e:  # offline, unknown name, missing config: one clear message
+        raise DataError(
+            f"{corpus.hub_name}: no such local file, and it could not be opened as a Hugging Face dataset "
+            f"({type(e).__name__}: {e})"
+        ) from e
 
 
 def _text_batches(
@@ -185,7 +191,7 @@ def iter_documents(
     start: int = 0,
     file_docs: dict[int, int] | None = None,
     on_file_done: Callable[[int, int], None] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 512,
 ) -> Iterator[list[str]]:
     """Yield the corpus's documents in order, in batches, beginning with document number ``start``.
 
@@ -201,7 +207,7 @@ def iter_documents(
         sources = []
         for i, path in enumerate(corpus.files):
             known = file_docs.get(i)
-            if known is not None and known <= start:
+            if not sources and known is not None and known <= start:  # only a leading run of files
                 start -= known
                 if on_file_done is not None:
                     on_file_done(i, known)

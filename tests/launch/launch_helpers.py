@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,3 +48,25 @@ def run_logged(cmd: Sequence[str], log: Path, env: dict[str, str], timeout: int 
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise AssertionError(f"{' '.join(cmd)} ran over {timeout} s\n{log.read_text()[-5000:]}") from None
+
+
+def signal_after_first_checkpoint(cmd: Sequence[str], log: Path, env: dict[str, str], out_dir: Path,
+                                  sig: signal.Signals) -> tuple[int, str]:
+    """Start a launcher in its own session, send `sig` to it alone (as Slurm or `docker stop` would) once the
+    run's first checkpoint exists (training under way, handlers installed); return (status, log text)."""
+    latest = out_dir / "checkpoints" / "latest"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not latest.is_file():
+            assert proc.poll() is None, f"ended before its first checkpoint:\n{log.read_text()[-5000:]}"
+            assert time.time() < deadline, log.read_text()[-5000:]
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return rc, log.read_text()

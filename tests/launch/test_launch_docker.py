@@ -11,13 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO, free_port
-from tests.launch.launch_helpers import launch_env, train_args
+from tests.launch.launch_helpers import launch_env, signal_after_first_checkpoint, train_args
 
 DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cpu"]
 IDS = [p.name for p in DOCKERFILES]
@@ -144,20 +143,8 @@ def test_entrypoint_passes_docker_stop_to_the_ranks(tmp_path: Path, launch_corpu
     log = tmp_path / "entrypoint.log"
     env = launch_env(DS_LAUNCHER_ARGS=f"--num_accelerators 2 --master_port {free_port()}")
     cmd = ["bash", "docker/entrypoint.sh", *train_args(launch_corpus, out, "train.max_steps=16")]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        latest = out / "checkpoints" / "latest"
-        deadline = time.time() + 300
-        while not latest.is_file():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-5000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
+    latest = out / "checkpoints" / "latest"
+    rc, text = signal_after_first_checkpoint(cmd, log, env, out, signal.SIGTERM)
     assert rc == 0, text[-5000:]
     assert "received signal 15" in text, text[-5000:]
     assert 4 <= int(latest.read_text().removeprefix("step_")) < 16

@@ -9,13 +9,12 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO, free_port
-from tests.launch.launch_helpers import launch_env, run_logged, train_args
+from tests.launch.launch_helpers import launch_env, run_logged, signal_after_first_checkpoint, train_args
 
 SLURM_DIR = REPO / "launchers" / "slurm"
 SBATCH = SLURM_DIR / "pretrain_owt.sbatch"
@@ -89,21 +88,9 @@ def test_sbatch_trains_checkpoints_on_usr1_requeues_and_resumes(tmp_path: Path, 
     env = slurm_env(tmp_path, 4242, GPUS_PER_NODE="2")
     cmd = ["bash", str(SBATCH), *train_args(launch_corpus, out, "train.max_steps=16")]
     log1 = tmp_path / "start1.log"
-    with open(log1, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        latest = out / "checkpoints" / "latest"
-        deadline = time.time() + 300
-        while not latest.is_file():  # the step-4 checkpoint: training is under way, handlers installed
-            assert proc.poll() is None, f"ended before its first checkpoint:\n{log1.read_text()[-5000:]}"
-            assert time.time() < deadline, log1.read_text()[-5000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGUSR1)  # only the batch shell, as --signal=B:USR1@120 does
-        rc = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text1 = log1.read_text()
+    latest = out / "checkpoints" / "latest"
+    # only the batch shell, as --signal=B:USR1@120 does
+    rc, text1 = signal_after_first_checkpoint(cmd, log1, env, out, signal.SIGUSR1)
     assert rc == 0, text1[-5000:]
     assert "sent SIGUSR1 to 2 rank(s)" in text1 and "received signal 10" in text1, text1[-5000:]
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
@@ -130,21 +117,8 @@ def test_srun_script_one_process_per_rank_sigterm_stops_without_requeue(tmp_path
     log = tmp_path / "srun.log"
     env = slurm_env(tmp_path, 4343)
     cmd = ["bash", str(SRUN_SBATCH), *train_args(launch_corpus, out, "train.max_steps=16")]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        latest = out / "checkpoints" / "latest"
-        deadline = time.time() + 300
-        while not latest.is_file():
-            assert proc.poll() is None, f"ended before its first checkpoint:\n{log.read_text()[-5000:]}"
-            assert time.time() < deadline, log.read_text()[-5000:]
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)  # only the batch shell
-        rc = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
+    latest = out / "checkpoints" / "latest"
+    rc, text = signal_after_first_checkpoint(cmd, log, env, out, signal.SIGTERM)  # only the batch shell
     assert rc == 0, text[-5000:]
     assert "rank discovery: slurm" in text and "parallel layout: world=2 TP=1 PP=1 DP=2 ZeRO=1" in text, text[-5000:]
     assert "received signal 15" in text, text[-5000:]

@@ -117,6 +117,10 @@ def _micro_batches(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor
     result.loss, result.loss_lm, result.loss_kd, result.loss_align = (
         sums["total"], sums["lm"], sums["kd"], sums["align"])
     result.dropped_layers = sorted(dropped_any)
+    if not result.skipped and not tm.engine.was_step_applied():
+        # a finite loss with a non-finite gradient norm: DeepSpeed (ZeRO-1/2, or fp16) left weights and optimizer
+        # untouched, on every rank alike (the norm is global), so teacher and schedules must not move either
+        result.skipped = True
 
 
 def _pipeline_batch(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor]], step: int,

@@ -41,6 +41,27 @@ def test_non_finite_loss_skips_the_step_everywhere(single_rank, monkeypatch):
     assert not res.skipped and any(not torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))
 
 
+def test_non_finite_gradient_with_finite_loss_skips_the_step(single_rank):
+    """ZeRO-1: DeepSpeed sees the non-finite gradient norm and does not step; the teacher must not move either."""
+    from sdt_dist.train_module import SDTrainModule
+    from sdt_dist.train_step import train_step
+
+    cfg = make_cfg("distill.ema_tau=0.5", "parallel.zero_stage=1", "parallel.ds_config=ds_configs/zero1.json")
+    tm = SDTrainModule(cfg, single_rank)
+    train_step(tm, [random_batch(cfg, 0)], 0)
+    before = full_student_params(tm)
+    teacher_before = tm.teacher.full_parameters()
+    param = next(p for p in tm.engine.module.parameters() if p.requires_grad)
+    handle = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    res = train_step(tm, [random_batch(cfg, 1)], 1)
+    handle.remove()
+    assert res.skipped and torch.isfinite(torch.tensor(res.loss))
+    assert all(torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, tm.teacher.full_parameters()))
+    res = train_step(tm, [random_batch(cfg, 2)], 2)
+    assert not res.skipped and any(not torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))
+
+
 _KEYS = [(section.name, f.name) for section in dataclasses.fields(Config)
          for f in dataclasses.fields(section.default_factory())]
 _VALUES = st.one_of(st.integers(-5, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),

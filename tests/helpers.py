@@ -43,10 +43,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Set in this pytest process by in-process single-rank tests (init_parallel); a launched job must find its own.
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+              "ROLE_RANK", "ROLE_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "TORCHELASTIC_RUN_ID")
+
+
 def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of a launched job: no rank variables of this process, and this interpreter's bin
+    directory (deepspeed, torchrun) first on PATH even when the venv is not activated."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     return env
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import OWT, REPO, worker_env
+from tests.helpers import OWT, REPO, free_port, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not OWT.is_file(), reason=f"{OWT} not present")]
 
@@ -29,7 +29,7 @@ def owt_prepared(tmp_path_factory) -> Path:
 
 
 def launch(out_dir: Path, prepared: Path, *overrides: str, fault: str | None = None) -> subprocess.Popen:
-    cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(29500 + os.getpid() % 500),
+    cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()),
            "launchers/pretrain_owt.py", "--config", "launchers/configs/tiny.yaml",
            "--set", f"train.out_dir={out_dir}", "--set", "data.source=null", "--set", f"data.prepared=[{prepared}]",
            "--set", "logging.log_interval=1"]

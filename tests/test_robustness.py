@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sdt_dist import losses
 from sdt_dist.config import Config, ConfigError, check_layout, load_config
-from tests.helpers import OWT, REPO, TINY, make_cfg, random_batch, worker_env
+from tests.helpers import OWT, REPO, TINY, free_port, make_cfg, random_batch, worker_env
 from tests.sdt_probe import full_student_params
 
 
@@ -134,7 +134,7 @@ def test_corrupted_shard_stops_every_rank_before_training(small_prepared, tmp_pa
     data[100] ^= 0xFF
     (bad / "train-00000.bin").write_bytes(bytes(data))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          "launchers/pretrain_owt.py", "--config", "launchers/configs/tiny.yaml", "--set", "data.source=null",
          "--set", f"data.prepared=[{bad}]", "--set", "model.vocab_size=1024", "--set", f"train.out_dir={tmp_path}/run"],
         cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)

@@ -114,7 +114,10 @@ def init_distributed(timeout_s: int = 600) -> None:
         else:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            if "MASTER_PORT" not in os.environ:  # any free port: a fixed one would collide with a job launched next
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
 
 

@@ -8,6 +8,8 @@ combination with a `ConfigError` naming the key, before any worker process start
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -116,6 +118,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def sha256(self) -> str:
+        """Identity of the run's configuration, as checkpoints record it (meta.json `config_sha256`)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -6,7 +6,6 @@ this file decides when to log, evaluate, save and stop.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import signal
@@ -104,8 +103,7 @@ class Trainer:
         self.skipped_total = 0
 
     def _meta(self) -> dict[str, Any]:
-        cfg_json = json.dumps(self.cfg.to_dict(), sort_keys=True)
-        return {"config": self.cfg.to_dict(), "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(),
+        return {"config": self.cfg.to_dict(), "config_sha256": self.cfg.sha256(),
                 "tokenizer_sha256": self.tokenizer_sha, "world_size": self.dims.world_size,
                 "layout": self.dims.describe(), "step": self.step, "consumed_samples": self.consumed}
 

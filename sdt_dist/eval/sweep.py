@@ -25,7 +25,6 @@ checkpoint). A final checkpoint made from another config than the arm's is refus
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -164,7 +163,7 @@ class Arm:
         if not meta_path.is_file() or not (self.final_checkpoint / "export" / "student.safetensors").is_file():
             return False
         meta = json.loads(meta_path.read_text())
-        if meta.get("config_sha256") != config_sha256(self.config):
+        if meta.get("config_sha256") != self.config.sha256():
             raise ConfigError(f"{self.final_checkpoint} was trained with another config than arm {self.name} "
                               f"(the sweep YAML or base config changed?); delete {self.train_dir} or use another "
                               f"out_dir")
@@ -183,11 +182,6 @@ class Arm:
         names = {parse_data_arg(d)[0] for d in ev["data"]}
         return (report.get("step") == self.config.train.max_steps and report.get("weights") == self.variant.weights
                 and names <= set(report["datasets"]) and set(ev.get("prune", [])) <= set(report["pruning"]["removed"]))
-
-
-def config_sha256(cfg: Config) -> str:
-    """As the trainer records it in meta.json."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def arms(spec: SweepSpec, variants: list[str] | None = None, seeds: list[int] | None = None) -> list[Arm]:

@@ -12,7 +12,6 @@ from sdt_dist.config import ConfigError
 from sdt_dist.eval.sweep import (
     aggregate,
     arms,
-    config_sha256,
     load_spec,
     markdown_tables,
     mean_std,
@@ -65,7 +64,7 @@ class FakeSteps:
         ckpt = arm.final_checkpoint
         (ckpt / "export").mkdir(parents=True)
         (ckpt / "export" / "student.safetensors").write_bytes(b"")
-        (ckpt / "meta.json").write_text(json.dumps({"config_sha256": config_sha256(arm.config)}))
+        (ckpt / "meta.json").write_text(json.dumps({"config_sha256": arm.config.sha256()}))
 
     def evaluate(self, spec, arm):
         self.evaluated.append(arm.name)

@@ -1,6 +1,6 @@
 """Throughput of SelfDistil-T training by parallel layout, measured side by side in one run.
 
-    python benchmarks/layouts.py [--steps 30] [--nproc 2] [--config launchers/configs/tiny.yaml]
+    python benchmarks/layouts.py [--steps 30] [--config launchers/configs/tiny.yaml] [--only TP=2 ...]
 
 Each layout trains the same model on the same prepared data for `--steps` steps through the real
 launcher (torchrun, CPU here); tokens/s and time per step are the medians over the steps after the
@@ -28,6 +28,7 @@ LAYOUTS = {
     "DP=2, ZeRO-3": (2, ["parallel.zero_stage=3"]),
     "TP=2": (2, ["parallel.tensor=2"]),
     "PP=2": (2, ["parallel.pipeline=2"]),
+    "TP=2, SP": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
 }
 
 
@@ -54,9 +55,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--config", default="launchers/configs/tiny.yaml")
     parser.add_argument("--set", action="append", default=[], help="extra config override for every layout")
+    parser.add_argument("--only", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                        help="layouts to run (the single-rank baseline always runs)")
     args = parser.parse_args()
+    chosen = {name: LAYOUTS[name] for name in LAYOUTS if name == "1 rank, ZeRO-1" or name in args.only}
     with tempfile.TemporaryDirectory() as tmp:
-        results = {name: run(name, nproc, ov, args, Path(tmp)) for name, (nproc, ov) in LAYOUTS.items()}
+        results = {name: run(name, nproc, ov, args, Path(tmp)) for name, (nproc, ov) in chosen.items()}
     base = results["1 rank, ZeRO-1"]["tokens_per_s"]
     print(f"{'layout':<16} {'tokens/s':>10} {'s/step':>8} {'vs 1 rank':>10}")
     for name, r in results.items():

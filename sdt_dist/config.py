@@ -43,7 +43,7 @@ class ParallelConfig:
     pipeline: int = 1  # pipeline-parallel size (DeepSpeed pipeline engine)
     zero_stage: int = 1  # 0-3; with pipeline > 1 only 1
     ds_config: str | None = None  # DeepSpeed JSON (precision, ZeRO details); batch keys are derived here
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # Megatron SP: activations split along the sequence over the TP group
 
 
 @dataclass
@@ -259,9 +259,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(p.pipeline == 1 or p.zero_stage == 1, "parallel.zero_stage",
            f"with parallel.pipeline={p.pipeline} use ZeRO stage 1 (DeepSpeed's pipeline engine refuses 2/3, "
            f"and stage 0 clips gradients wrongly)")
-    # Megatron SP splits hidden states along the sequence: the alignment/KD reductions and LayerNorm grad
-    # all-reduces it needs are not implemented yet, so it is refused rather than silently wrong.
-    _check(not p.sequence_parallel, "parallel.sequence_parallel", "is not supported yet (use false)")
+    # Megatron SP splits the sequence across the TP group
+    _check(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel",
+           "needs tensor parallelism (parallel.tensor > 1): it splits the sequence across the TP group")
+    _check(not p.sequence_parallel or m.seq_length % p.tensor == 0, "parallel.sequence_parallel",
+           f"model.seq_length {m.seq_length} is not divisible by tensor-parallel size {p.tensor}")
     if p.ds_config is not None:
         _check(Path(p.ds_config).is_file(), "parallel.ds_config", f"file not found: {p.ds_config}")
 

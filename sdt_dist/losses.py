@@ -13,6 +13,8 @@ import torch.distributed.nn.functional as dist_nn
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
+from sdt_dist.parallel.sequence_parallel import local_tokens
+
 
 def _masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     return (per_token * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
@@ -59,15 +61,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mas
 
 
 def align_loss(predictions: dict[int, torch.Tensor], teacher_hidden: dict[int, torch.Tensor],
-               layer_map: dict[int, int], loss_mask: torch.Tensor) -> torch.Tensor:
+               layer_map: dict[int, int], loss_mask: torch.Tensor,
+               sp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum over aligned layers l of mean_tokens(1 - cos(q_l(h_S^l), stopgrad h_T^{f(l)})).
 
     `predictions` holds q_l(h_S^l) ([s, b, d]) for the aligned layers that ran; `layer_map` is f.
+    `sp_group`: hidden states are split along the sequence across this (TP) group, [s/tp, b, d]; the
+    token means are then taken over the whole sequence: local sums reduced over the group.
     """
-    mask = loss_mask.transpose(0, 1)  # hidden states are [s, b, d]
+    if sp_group is None:
+        mask = loss_mask.transpose(0, 1)  # hidden states are [s, b, d]
+        count = mask.sum()
+    else:
+        mask = local_tokens(loss_mask, sp_group).transpose(0, 1)
+        count = loss_mask.sum()  # every rank holds the whole [b, s] mask
     total = loss_mask.new_zeros(())
     for layer, pred in predictions.items():
         target = teacher_hidden[layer_map[layer]].detach()
         cos = torch.nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-6)
-        total = total + _masked_mean(1.0 - cos, mask)
-    return total
+        total = total + ((1.0 - cos) * mask).sum()
+    if sp_group is not None:
+        # forward: sum of the ranks' token sums; backward: identity (each rank's tokens are its own)
+        total = reduce_from_tensor_model_parallel_region(total, sp_group)
+    return total / count.clamp(min=1.0)

@@ -1,7 +1,8 @@
 """Predictors q_l of the predictive alignment (BYOL-style): Linear(d, d) - GELU - Linear(d, d).
 
-One per student layer; they are trained with the student and are not part of the teacher. They run on
-replicated hidden states, so under tensor parallelism each TP rank holds a full copy.
+One per student layer; they are trained with the student and are not part of the teacher. Each TP rank
+holds a full copy; with sequence parallelism it runs on the rank's slice of the sequence and its gradients
+are summed over the TP group (`sdt_dist/parallel/sequence_parallel.py`).
 """
 
 from __future__ import annotations

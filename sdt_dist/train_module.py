@@ -22,6 +22,7 @@ from sdt_dist.parallel.engine import (
     param_groups,
 )
 from sdt_dist.parallel.pipeline import PipeContext, build_pipeline_module, stage_pieces
+from sdt_dist.parallel.sequence_parallel import allreduce_sequence_parallel_grads, mark_sequence_parallel
 from sdt_dist.predictor import build_predictors, predictor_spec
 from sdt_dist.schedules import layer_map
 from sdt_dist.teacher import EmaTeacher
@@ -41,6 +42,12 @@ class SDTrainModule:
         with model_init_context(self.ds_config, dims):
             gpt = GPTModel(tconf, student_layer_specs(self.drop_probs), m.vocab_size, m.tie_embeddings, m.rope_base)
             predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std)
+        if cfg.parallel.sequence_parallel:
+            # predictors see this rank's slice of the sequence; their gradients, like the LayerNorms' and
+            # the row-parallel biases', are summed over the TP group
+            mark_sequence_parallel(predictors)
+            allreduce_sequence_parallel_grads(gpt, dims.tp_group)
+            allreduce_sequence_parallel_grads(predictors, dims.tp_group)
         teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers), m.vocab_size, m.tie_embeddings,
                                m.rope_base).to(device())
         self.gpt = gpt  # under PP every rank builds the whole model (same init at any PP size), keeps its stage
@@ -56,7 +63,8 @@ class SDTrainModule:
         else:
             self.pipe_ctx = PipeContext(
                 seed=cfg.train.seed, drop_probs=self.drop_probs, temperature=d.temperature, lambda_kd=d.lambda_kd,
-                lambda_sd=d.lambda_sd, dtype=self.dtype, tp_group=dims.tp_group if dims.tp > 1 else None)
+                lambda_sd=d.lambda_sd, dtype=self.dtype, tp_group=dims.tp_group if dims.tp > 1 else None,
+                sp_group=dims.tp_group if cfg.parallel.sequence_parallel else None)
             self.student = build_pipeline_module(gpt, predictors, teacher_gpt, self.pipe_ctx, dims)
             self.engine = self._build_engine()
             self.ema_source, teacher_pieces = stage_pieces(self.student)

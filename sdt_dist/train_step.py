@@ -59,7 +59,8 @@ def sdt_losses(tm: SDTrainModule, batch: dict[str, torch.Tensor], step: int, mic
         teacher = tm.teacher(tokens)
         # 3. distillation terms
         terms["kd"] = losses.kd_loss(logits, teacher.logits, mask, d.temperature, tp_group)
-        terms["align"] = losses.align_loss(predictions, teacher.hidden, tm.layer_map, mask)
+        sp_group = tp_group if tm.cfg.parallel.sequence_parallel else None
+        terms["align"] = losses.align_loss(predictions, teacher.hidden, tm.layer_map, mask, sp_group)
     else:
         terms["kd"] = terms["align"] = torch.zeros((), device=logits.device)
     terms["total"] = terms["lm"] + d.lambda_kd * terms["kd"] + d.lambda_sd * terms["align"]

@@ -47,6 +47,15 @@ def test_layout_checked_against_world_size():
         check_layout(load_config(None, TINY + ["train.global_batch_size=4"]), 8)
 
 
+def test_sequence_parallel_needs_tensor_parallelism_and_a_divisible_sequence():
+    sp = ["parallel.sequence_parallel=true"]
+    with pytest.raises(ConfigError, match="parallel.tensor > 1"):
+        load_config(None, TINY + sp)
+    with pytest.raises(ConfigError, match="seq_length 18 is not divisible"):
+        load_config(None, TINY + sp + ["parallel.tensor=4", "model.seq_length=18"])
+    assert load_config(None, TINY + sp + ["parallel.tensor=2"]).parallel.sequence_parallel
+
+
 def test_yaml_object_tags_are_refused(tmp_path):
     bad = tmp_path / "evil.yaml"
     bad.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")

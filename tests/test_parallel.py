@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests.helpers import read_json, run_ranks
+from tests.helpers import make_cfg, read_json, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -25,20 +25,41 @@ LAYOUTS = {
     "tp2_pp2": (4, ["distill.layerdrop_p=0.3", "parallel.tensor=2", "parallel.pipeline=2"]),
     "tp2_zero3_dp2_tied": (4, ["distill.layerdrop_p=0", "parallel.tensor=2", "parallel.zero_stage=3",
                                "model.tie_embeddings=true"]),
+    # Megatron sequence parallelism: hidden states split along the sequence over the TP group
+    "tp2_sp_layerdrop": (2, ["distill.layerdrop_p=0.3", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    "tp2_sp_pp2": (4, ["distill.layerdrop_p=0.3", "parallel.tensor=2", "parallel.pipeline=2",
+                       "parallel.sequence_parallel=true"]),
+    "tp2_sp_zero2_dp2": (4, ["distill.layerdrop_p=0", "parallel.tensor=2", "parallel.zero_stage=2",
+                             "parallel.sequence_parallel=true"]),
+    "tp2_sp_zero3_dp2_tied": (4, ["distill.layerdrop_p=0", "parallel.tensor=2", "parallel.zero_stage=3",
+                                  "model.tie_embeddings=true", "parallel.sequence_parallel=true"]),
 }
 REFERENCE = {"tp2_layerdrop": "ref_layerdrop", "pp2_layerdrop": "ref_layerdrop", "zero1_dp2": "ref",
-             "zero2_dp2": "ref", "zero3_dp2": "ref", "tp2_pp2": "ref_layerdrop", "tp2_zero3_dp2_tied": "ref_tied"}
+             "zero2_dp2": "ref", "zero3_dp2": "ref", "tp2_pp2": "ref_layerdrop", "tp2_zero3_dp2_tied": "ref_tied",
+             "tp2_sp_layerdrop": "ref_layerdrop", "tp2_sp_pp2": "ref_layerdrop", "tp2_sp_zero2_dp2": "ref",
+             "tp2_sp_zero3_dp2_tied": "ref_tied"}
+SEQUENCE_PARALLEL = [name for name, (_, overrides) in LAYOUTS.items() if "parallel.sequence_parallel=true" in overrides]
+
+
+class LayoutRuns(dict):
+    """Layout name -> what its probe recorded; each layout runs once, when a test first asks for it
+    (so `-k` selects runs too)."""
+
+    def __init__(self, root) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> dict:
+        nproc, overrides = LAYOUTS[name]
+        path = self.root / f"{name}.json"
+        run_ranks(nproc, "layout_probe.py", str(path), str(STEPS), *BASE, *overrides)
+        self[name] = read_json(path)
+        return self[name]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = {}
-    root = tmp_path_factory.mktemp("layouts")
-    for name, (nproc, overrides) in LAYOUTS.items():
-        path = root / f"{name}.json"
-        run_ranks(nproc, "layout_probe.py", str(path), str(STEPS), *BASE, *overrides)
-        out[name] = read_json(path)
-    return out
+    return LayoutRuns(tmp_path_factory.mktemp("layouts"))
 
 
 @pytest.mark.parametrize("name", list(REFERENCE))
@@ -53,8 +74,16 @@ def test_losses_match_single_rank(results, name):
 
 def test_layerdrop_actually_dropped_layers(results):
     assert any(results["ref_layerdrop"]["dropped"])
-    for name in ("tp2_layerdrop", "pp2_layerdrop", "tp2_pp2"):
+    for name in ("tp2_layerdrop", "pp2_layerdrop", "tp2_pp2", "tp2_sp_layerdrop", "tp2_sp_pp2"):
         assert results[name]["dropped"] == results["ref_layerdrop"]["dropped"]
+
+
+@pytest.mark.parametrize("name", [n for n in SEQUENCE_PARALLEL if "pp2" not in n])  # probed without PP
+def test_sequence_parallel_splits_hidden_states(results, name):
+    """The equivalence above is not vacuous: each TP rank held only its half of the sequence."""
+    seq = make_cfg().model.seq_length
+    assert results[name]["hidden_rows"] == seq // results[name]["tp"]
+    assert results[REFERENCE[name]]["hidden_rows"] == seq
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

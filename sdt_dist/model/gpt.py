@@ -1,8 +1,10 @@
 """Decoder-only GPT assembled from megatron-core building blocks.
 
 Vocab-parallel embedding -> decoder layers (from a spec list) -> final LayerNorm -> column-parallel head
-(optionally tied to the embedding). The forward returns vocab-parallel logits and, explicitly, the
-output hidden state of every layer that ran: the alignment loss reads them, skipped layers are absent.
+(optionally tied to the embedding). With sequence parallelism the embedding reduce-scatters along the
+sequence, hidden states are [s/tp, b, d] per TP rank, and the head's linear gathers them back.
+The forward returns vocab-parallel logits and, explicitly, the output hidden state of every layer that
+ran: the alignment loss reads them, skipped layers are absent.
 """
 
 from __future__ import annotations
@@ -12,15 +14,15 @@ from typing import NamedTuple
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from sdt_dist.model.norm import LayerNorm
 from sdt_dist.model.rope import RotaryEmbedding
 
 
 class GPTOutput(NamedTuple):  # a tuple, so that ZeRO-3's hooks see the tensors inside
     logits: torch.Tensor  # [b, s, vocab / tp]
-    hidden: dict[int, torch.Tensor]  # layer number (1-based) -> [s, b, d], only layers that ran
+    hidden: dict[int, torch.Tensor]  # layer number (1-based) -> [s, b, d] ([s/tp, b, d] with SP), layers that ran
 
 
 class TiedVocabEmbedding(tensor_parallel.VocabParallelEmbedding):
@@ -33,6 +35,13 @@ class TiedVocabEmbedding(tensor_parallel.VocabParallelEmbedding):
         if head is None:
             return super().forward(x)
         return head(x, weight=self.weight)[0]
+
+
+def embed_tokens(embedding: TiedVocabEmbedding, dropout: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s] tokens -> [s, b, d] hidden states, megatron's activation layout (the sequence-parallel
+    embedding transposes and reduce-scatters by itself: [s/tp, b, d])."""
+    h = embedding(tokens)
+    return dropout(h if embedding.reduce_scatter_embeddings else h.transpose(0, 1).contiguous())
 
 
 class GPTModel(torch.nn.Module):
@@ -48,14 +57,15 @@ class GPTModel(torch.nn.Module):
         self.config = config
         self.tie_embeddings = tie_embeddings
         self.embedding = TiedVocabEmbedding(
-            vocab_size, config.hidden_size, init_method=config.init_method, config=config
+            vocab_size, config.hidden_size, init_method=config.init_method, config=config,
+            reduce_scatter_embeddings=config.sequence_parallel,
         )
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
         self.rope = RotaryEmbedding(config.kv_channels, base=rope_base)
         self.layers = torch.nn.ModuleList(
             build_module(spec, config=config, layer_number=i + 1) for i, spec in enumerate(layer_specs)
         )
-        self.final_norm = WrappedTorchNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+        self.final_norm = LayerNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
         self.output_layer = tensor_parallel.ColumnParallelLinear(
             config.hidden_size,
             vocab_size,
@@ -71,8 +81,7 @@ class GPTModel(torch.nn.Module):
         return len(self.layers)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        # [b, s] -> [s, b, d], megatron's activation layout
-        return self.embedding_dropout(self.embedding(tokens).transpose(0, 1).contiguous())
+        return embed_tokens(self.embedding, self.embedding_dropout, tokens)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         h = self.final_norm(h)

@@ -14,13 +14,14 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from sdt_dist.config import ModelConfig, ParallelConfig
 from sdt_dist.layerdrop import LayerDropTransformerLayer
 from sdt_dist.model.attention import SDPAttention
+from sdt_dist.model.norm import LayerNorm
+from sdt_dist.parallel.sequence_parallel import place_megatron_buffers_on_accelerator
 
 
 def decoder_layer_spec(drop_prob: float = 0.0) -> ModuleSpec:
@@ -28,7 +29,7 @@ def decoder_layer_spec(drop_prob: float = 0.0) -> ModuleSpec:
         module=LayerDropTransformerLayer,
         params={"drop_prob": drop_prob},
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=LayerNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
@@ -39,7 +40,7 @@ def decoder_layer_spec(drop_prob: float = 0.0) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=LayerNorm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -60,6 +61,8 @@ def teacher_layer_specs(num_layers: int) -> list[ModuleSpec]:
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
 ) -> TransformerConfig:
+    if parallel.sequence_parallel:
+        place_megatron_buffers_on_accelerator()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -18,7 +18,7 @@ import torch
 
 from sdt_dist import losses
 from sdt_dist.layerdrop import sample_dropped
-from sdt_dist.model.gpt import GPTModel
+from sdt_dist.model.gpt import GPTModel, embed_tokens
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -42,6 +42,7 @@ class PipeContext:
     lambda_sd: float
     dtype: torch.dtype
     tp_group: torch.distributed.ProcessGroup | None
+    sp_group: torch.distributed.ProcessGroup | None  # the TP group when hidden states are sequence-split
     step: int = 0
     frozen: int = 0
     aligned: frozenset[int] = frozenset()
@@ -71,7 +72,7 @@ class EmbedPipe(torch.nn.Module):
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         tokens, mask_bits, micro = inputs
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.ctx.frozen == 0):
-            h = self.embedding_dropout(self.embedding(tokens).transpose(0, 1).contiguous())
+            h = embed_tokens(self.embedding, self.embedding_dropout, tokens)
         if self.ctx.training:
             with torch.no_grad():
                 h_t = self._teacher[0].embed(tokens)
@@ -95,7 +96,7 @@ class DecoderPipe(torch.nn.Module):
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         h, h_t_bits, acc, mask_bits, micro = inputs
         ctx = self.ctx
-        rotary = self.rope(h.size(0), h.device)
+        rotary = self.rope(mask_bits.size(1), h.device)  # the whole sequence, also when h is a slice of it
         skip = self.number in ctx.dropped(micro)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.number > ctx.frozen):
             h, _ = self.layer(h, attention_mask=None, rotary_pos_emb=rotary, skip=skip)
@@ -106,7 +107,7 @@ class DecoderPipe(torch.nn.Module):
             if self.number in ctx.aligned and not skip:
                 mask = mask_bits.to(torch.float32)
                 acc = acc + losses.align_loss({self.number: self.predictor(h)}, {self.number: h_t},
-                                              {self.number: self.number}, mask)
+                                              {self.number: self.number}, mask, ctx.sp_group)
         return _with_grad(h), h_t_bits, _with_grad(acc), mask_bits, micro
 
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from sdt_dist.freezing import frozen_parameters
 from sdt_dist.parallel.dims import destroy_parallel, init_parallel
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, random_batch
 from tests.sdt_probe import ema_closed_form, run
 
 
@@ -39,12 +39,17 @@ def main() -> None:
     rank_info = torch.tensor([[tm.teacher.local_numel(), tm.teacher.full_numel(), ema_err, float(unchanged),
                                float(in_opt), out["opt_numel"][0], out["opt_numel"][-1], len(frozen_idx)]],
                              dtype=torch.float64)
+    # rows of a hidden state on this rank: the whole sequence, or its 1/TP slice under sequence parallelism
+    hidden_rows = None
+    if dims.pp == 1:
+        hidden_rows = next(iter(tm.teacher(random_batch(cfg, 0)["tokens"]).hidden.values())).shape[0]
     gathered = [torch.zeros_like(rank_info) for _ in range(dims.world_size)]
     dist.all_gather(gathered, rank_info)
     if dims.rank == 0:
         json.dump({"losses": per_step.tolist(), "frozen": out["frozen"],
                    "dropped": [r.dropped_layers for r in out["records"]],
-                   "ranks": [g[0].tolist() for g in gathered], "dp": dims.dp, "tp": dims.tp},
+                   "ranks": [g[0].tolist() for g in gathered], "dp": dims.dp, "tp": dims.tp,
+                   "hidden_rows": hidden_rows},
                   open(out_path, "w"))
     destroy_parallel()
 

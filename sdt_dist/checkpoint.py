@@ -14,7 +14,6 @@ Per-rank state goes in per-rank files: under ZeRO-1/2 DeepSpeed's client_state i
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sdt_dist.atomic import write_json_atomic, write_text_atomic
 from sdt_dist.export import export
 from sdt_dist.faults import maybe_die
 from sdt_dist.train_module import SDTrainModule
@@ -49,12 +49,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy(), *rest))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, meta: dict[str, Any],
          keep: int) -> Path:
     """Save the state after `step` completed steps, with a layout-independent export of the student and
@@ -74,12 +68,12 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     dist.barrier()
     if rank == 0:
         export(ckpt_root / tmp_tag / "export", tm.cfg.model, student, teacher)
-        _write_atomic(ckpt_root / tmp_tag / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
+        write_json_atomic(ckpt_root / tmp_tag / "meta.json", meta, sort_keys=True)
         final = ckpt_root / tag
         if final.exists():
             shutil.rmtree(final)
         os.replace(ckpt_root / tmp_tag, final)
-        _write_atomic(ckpt_root / LATEST, tag)
+        write_text_atomic(ckpt_root / LATEST, tag)
         for old in complete_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

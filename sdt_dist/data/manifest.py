@@ -31,17 +31,6 @@ def files_sha256(paths: list[Path]) -> list[str]:
         return list(pool.map(file_sha256, paths))
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON deterministically (sorted keys) and atomically: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def manifest_checksum(manifest: dict[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON, its own checksum field left out."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sdt_dist.atomic import write_json_atomic
 from sdt_dist.data._encode import EncodedChunk, encode_chunk, init_worker
 from sdt_dist.data.errors import DataError
 from sdt_dist.data.manifest import (
@@ -50,7 +51,6 @@ from sdt_dist.data.manifest import (
     manifest_checksum,
     manifest_files,
     read_manifest,
-    write_json_atomic,
 )
 from sdt_dist.data.sources import Corpus, iter_documents, resolve_corpus
 from sdt_dist.data.tokenizer import CARD_NAME, MODEL_NAME, Tokenizer, load_tokenizer
@@ -197,7 +197,7 @@ class _ShardWriter:
             "invalid_utf8_replaced": self.invalid_utf8,
             "files": files,
         }
-        write_json_atomic(self.records_dir / f"{self.name}.json", record)
+        write_json_atomic(self.records_dir / f"{self.name}.json", record, sort_keys=True)
         self._reset(self.index + 1, self.last_doc + 1)
         return record
 
@@ -407,7 +407,7 @@ def build_shards(
                     f"({_diff(previous, state)}); resume it with the original arguments or use another --out"
                 )
         else:
-            write_json_atomic(state_path, state)
+            write_json_atomic(state_path, state, sort_keys=True)
         for path in records_dir.glob("*.json"):
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
@@ -449,7 +449,7 @@ def _build(
             path.unlink()
     for record in kept:
         if not (records_dir / f"{record['name']}.json").exists():
-            write_json_atomic(records_dir / f"{record['name']}.json", record)
+            write_json_atomic(records_dir / f"{record['name']}.json", record, sort_keys=True)
     tokenizer_copy = _copy_tokenizer(tok, out)
 
     writers = {}
@@ -565,7 +565,7 @@ def _build(
         "splits": splits,
     }
     manifest["manifest_sha256"] = manifest_checksum(manifest)
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest, sort_keys=True)
     shutil.rmtree(progress_dir)
     return BuildReport(
         out, manifest, time.perf_counter() - started, docs_done, tokens_done,

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from sdt_dist.atomic import write_json_atomic
 from sdt_dist.data.errors import DataError
-from sdt_dist.data.manifest import MANIFEST_NAME, file_sha256, read_manifest, write_json_atomic
+from sdt_dist.data.manifest import MANIFEST_NAME, file_sha256, read_manifest
 from sdt_dist.data.sources import INVALID_UTF8_MARK, iter_documents, resolve_corpus
 
 MODEL_NAME = "tokenizer.model"
@@ -206,7 +207,7 @@ def train_tokenizer(
         "text_field": text_field,
         "training_seconds": round(time.perf_counter() - started, 1),
     }
-    write_json_atomic(out / CARD_NAME, card)  # written last: its presence marks a finished tokenizer
+    write_json_atomic(out / CARD_NAME, card, sort_keys=True)  # written last: its presence marks a finished tokenizer
     return model
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Readers (a resuming sweep) see the complete file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+from sdt_dist.atomic import write_json_atomic  # noqa: E402
 
 
 def reliability_diagram(bins: list[dict[str, Any]], ece: float, title: str, path: Path) -> None:

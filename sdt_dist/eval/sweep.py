@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from sdt_dist.atomic import write_json_atomic, write_text_atomic
 from sdt_dist.config import Config, ConfigError, load_config
 
 DEFAULT_LAUNCHER = "{python} -m torch.distributed.run --standalone --nproc_per_node {nproc}"
@@ -371,12 +372,10 @@ def pruning_plots(spec: SweepSpec, agg: dict[str, Any]) -> list[Path]:
 
 def write_outputs(spec: SweepSpec) -> list[Path]:
     """tables.json, tables.md and pruning plots under out_dir (every table; missing arms show as —)."""
-    from sdt_dist.eval.report import write_json_atomic
-
     agg = aggregate(spec)
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(spec.out_dir / "tables.json", agg)
-    (spec.out_dir / "tables.md").write_text(markdown_tables(spec, agg))
+    write_text_atomic(spec.out_dir / "tables.md", markdown_tables(spec, agg))
     return [spec.out_dir / "tables.json", spec.out_dir / "tables.md", *pruning_plots(spec, agg)]
 
 

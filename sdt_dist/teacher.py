@@ -6,8 +6,11 @@ consecutive chunks of ceil(numel_i / DP) elements, zero-padded at the end). The 
 matching slice of the student on the same rank, so it needs no communication:
   * ZeRO-3: the rank's fp32 master partition (`safe_get_local_fp32_param`);
   * ZeRO-0/1/2: the slice of the student's (replicated) parameter.
-The teacher forward all-gathers the slices into the teacher module over the data-parallel group, runs
-in eval mode (no dropout), without LayerDrop and without autograd, and frees the gathered weights.
+The teacher forward runs in eval mode (no dropout), without LayerDrop and without autograd, and, as
+ZeRO-3 does for the student, all-gathers one module at a time (the embedding, each layer, the final norm,
+the head) over the data-parallel group just before it runs and frees it right after: at most one layer's
+weights are whole at once. A pipeline stage instead keeps its pieces gathered over a whole batch
+(`materialized`), since the engine interleaves their forwards with its own schedule.
 Parameters of frozen layers are copied (tau = 0), not averaged. Predictors are not part of the teacher.
 """
 
@@ -57,7 +60,13 @@ class EmaTeacher:
         device = next(student.parameters()).device
         self.shard = torch.zeros(sum(self.parts), dtype=torch.float32, device=device)
         self.update(list(student.parameters()), tau=0.0)  # initialised equal to the student
-        self._release()
+        self._release(0, len(self.params))
+        self.units = _gather_units(module, self.params)
+        self._by_unit = False  # set during `forward`: the hooks below gather and free unit by unit
+        for unit, lo, hi in self.units:
+            unit.register_forward_pre_hook(lambda _m, _args, lo=lo, hi=hi: self._unit_hook(self._materialize, lo, hi))
+            unit.register_forward_hook(lambda _m, _args, _out, lo=lo, hi=hi: self._unit_hook(self._release, lo, hi))
+        self.peak_numel = 0  # most teacher elements whole at once in the last forward (tests, memory logs)
 
     # -- storage --------------------------------------------------------------------------------------
     def _student_slice(self, i: int, p: torch.nn.Parameter) -> torch.Tensor:
@@ -89,45 +98,58 @@ class EmaTeacher:
             else:
                 dst.lerp_(src, 1.0 - tau)
 
-    def _gather(self) -> torch.Tensor:
-        """[DP, shard] of every rank's slice (a collective over the data-parallel group)."""
+    def _gather(self, lo: int, hi: int) -> torch.Tensor:
+        """[DP, n] of every rank's slices of parameters lo..hi-1 (a collective over the data-parallel group)."""
+        local = self.shard[self.offsets[lo]:self.offsets[hi - 1] + self.parts[hi - 1]]
         if self.dp_size == 1:
-            return self.shard.unsqueeze(0)
-        full = torch.empty(self.dp_size, self.shard.numel(), dtype=self.shard.dtype, device=self.shard.device)
-        dist.all_gather(list(full.unbind(0)), self.shard, group=self.dp_group)
+            return local.unsqueeze(0)
+        full = torch.empty(self.dp_size, local.numel(), dtype=local.dtype, device=local.device)
+        dist.all_gather(list(full.unbind(0)), local.contiguous(), group=self.dp_group)
         return full
 
-    def _unflatten(self, full: torch.Tensor, i: int) -> torch.Tensor:
-        chunk = full[:, self.offsets[i]:self.offsets[i] + self.parts[i]].reshape(-1)
+    def _unflatten(self, full: torch.Tensor, i: int, lo: int = 0) -> torch.Tensor:
+        start = self.offsets[i] - self.offsets[lo]
+        chunk = full[:, start:start + self.parts[i]].reshape(-1)
         return chunk[:self.numels[i]].view(self.shapes[i])
 
-    def _materialize(self) -> None:
-        full = self._gather()
-        for i, p in enumerate(self.params):
-            p.data = self._unflatten(full, i).to(self.compute_dtype, copy=True)
+    def _materialize(self, lo: int, hi: int) -> None:
+        full = self._gather(lo, hi)
+        for i in range(lo, hi):
+            self.params[i].data = self._unflatten(full, i, lo).to(self.compute_dtype, copy=True)
+        whole = sum(p.numel() for p in self.params)
+        self.peak_numel = max(self.peak_numel, whole)
 
-    def _release(self) -> None:
-        for p in self.params:
+    def _release(self, lo: int, hi: int) -> None:
+        for p in self.params[lo:hi]:
             p.data = torch.empty(0, dtype=self.compute_dtype, device=self.shard.device)
+
+    def _unit_hook(self, action, lo: int, hi: int) -> None:
+        if self._by_unit:
+            action(lo, hi)
 
     def full_parameters(self) -> list[torch.Tensor]:
         """Gathered fp32 teacher parameters (for tests and export; a collective over the DP group)."""
-        full = self._gather()
+        full = self._gather(0, len(self.params))
         return [self._unflatten(full, i).clone() for i in range(len(self.params))]
 
     @contextlib.contextmanager
     def materialized(self) -> Iterator[None]:
-        """Teacher weights gathered for the duration (a pipeline stage keeps them over a whole batch)."""
-        self._materialize()
+        """All of this rank's teacher weights gathered for the duration (a pipeline stage, over a batch)."""
+        self._materialize(0, len(self.params))
         try:
             yield
         finally:
-            self._release()
+            self._release(0, len(self.params))
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor) -> GPTOutput:
-        with self.materialized():
+        """The teacher's GPT forward, its weights gathered module by module."""
+        self._by_unit, self.peak_numel = True, 0
+        try:
             return self.module(tokens)
+        finally:
+            self._by_unit = False
+            self._release(0, len(self.params))
 
     __call__ = forward
 
@@ -147,3 +169,21 @@ class EmaTeacher:
 
     def full_numel(self) -> int:
         return sum(self.numels)
+
+
+def _gather_units(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[tuple[torch.nn.Module, int, int]]:
+    """The modules gathered one at a time, with the [lo, hi) range of their parameters in `params`: the
+    direct children that own parameters, each element of a ModuleList (the decoder layers) on its own."""
+    index = {id(p): i for i, p in enumerate(params)}
+    children = [c for child in module.children()
+                for c in (child if isinstance(child, torch.nn.ModuleList) else [child])]
+    units = []
+    for child in children:
+        ids = sorted(index[id(p)] for p in child.parameters())
+        if ids:
+            if ids != list(range(ids[0], ids[-1] + 1)):
+                raise ValueError(f"parameters of {type(child).__name__} are not contiguous in the teacher's order")
+            units.append((child, ids[0], ids[-1] + 1))
+    if sum(hi - lo for _, lo, hi in units) != len(params):
+        raise ValueError("some teacher parameters belong to no gather unit")
+    return units

@@ -59,3 +59,23 @@ def test_bf16_training_keeps_fp32_teacher_shards_and_runs_the_teacher_in_bf16(si
     out = tm.teacher(random_batch(cfg, 1)["tokens"])
     assert out.logits.dtype == torch.bfloat16
     assert all(p.numel() == 0 for p in tm.teacher.module.parameters())  # released after the forward
+
+
+def test_teacher_forward_gathers_one_module_at_a_time(single_rank):
+    from sdt_dist.train_module import SDTrainModule
+    from tests.helpers import random_batch
+
+    cfg = make_cfg("model.tie_embeddings=true")
+    teacher = SDTrainModule(cfg, single_rank).teacher
+    tokens = random_batch(cfg, 0)["tokens"]
+    out = teacher(tokens)
+    # at most one unit (the embedding, which the tied head also uses, or one layer) was whole at a time
+    largest = max(sum(teacher.numels[lo:hi]) for _, lo, hi in teacher.units)
+    assert teacher.peak_numel == largest < teacher.full_numel() / 2
+    assert all(p.numel() == 0 for p in teacher.module.parameters())
+    # the same numbers as with every weight gathered up front
+    with teacher.materialized(), torch.no_grad():
+        whole = teacher.module(tokens)
+    assert torch.equal(out.logits, whole.logits)
+    assert out.hidden.keys() == whole.hidden.keys()
+    assert all(torch.equal(out.hidden[k], whole.hidden[k]) for k in out.hidden)

@@ -170,6 +170,10 @@ class EmaTeacher:
     def full_numel(self) -> int:
         return sum(self.numels)
 
+    def largest_unit_numel(self) -> int:
+        """Elements whole at once during `forward`: the largest module gathered."""
+        return max(sum(self.numels[lo:hi]) for _, lo, hi in self.units)
+
 
 def _gather_units(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[tuple[torch.nn.Module, int, int]]:
     """The modules gathered one at a time, with the [lo, hi) range of their parameters in `params`: the

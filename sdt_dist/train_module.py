@@ -21,7 +21,7 @@ from sdt_dist.parallel.engine import (
     model_init_context,
     param_groups,
 )
-from sdt_dist.parallel.pipeline import PipeContext, build_pipeline_module, stage_pieces
+from sdt_dist.parallel.pipeline import PipeContext, build_pipeline_module, release_other_stages, stage_pieces
 from sdt_dist.parallel.sequence_parallel import allreduce_sequence_parallel_grads, mark_sequence_parallel
 from sdt_dist.predictor import build_predictors, predictor_spec
 from sdt_dist.schedules import layer_map
@@ -50,7 +50,7 @@ class SDTrainModule:
             allreduce_sequence_parallel_grads(predictors, dims.tp_group)
         teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers), m.vocab_size, m.tie_embeddings,
                                m.rope_base).to(device())
-        self.gpt = gpt  # under PP every rank builds the whole model (same init at any PP size), keeps its stage
+        self.gpt = gpt  # under PP, only this stage's parameters keep their weights (see below)
         self.teacher_gpt = teacher_gpt
         self.frozen = 0
         dp_group = dims.dp_group if dims.dp > 1 else None
@@ -69,6 +69,8 @@ class SDTrainModule:
             self.engine = self._build_engine()
             self.ema_source, teacher_pieces = stage_pieces(self.student)
             self.teacher = EmaTeacher(teacher_pieces, self.ema_source, dp_group, self.dtype)
+            for whole, stage in ((gpt, self.student), (predictors, self.student), (teacher_gpt, teacher_pieces)):
+                release_other_stages(whole, stage)
 
     def _build_engine(self):
         groups = param_groups(list(self.student.named_parameters()), self.cfg.train.weight_decay)

@@ -90,7 +90,7 @@ def test_sequence_parallel_splits_hidden_states(results, name):
 def test_teacher_sharded_exact_and_frozen_params_left_optimizer(results, name):
     res = results[name]
     dp = res["dp"]
-    for local, full, ema_err, frozen_unchanged, frozen_in_opt, opt_first, opt_last, local_frozen in res["ranks"]:
+    for local, full, ema_err, frozen_unchanged, frozen_in_opt, opt_first, opt_last, local_frozen, *_ in res["ranks"]:
         assert ema_err < 1e-6  # gathered teacher = closed form of the (local TP shard of the) student history
         # 1/DP of the teacher per rank, up to the zero-padding of each parameter's last chunk
         assert full / dp <= local < full / dp + 200 * dp
@@ -99,3 +99,15 @@ def test_teacher_sharded_exact_and_frozen_params_left_optimizer(results, name):
         assert opt_last < opt_first if local_frozen else opt_last == opt_first
     if dp > 1:
         assert math.isclose(res["ranks"][0][0] * dp, res["ranks"][0][1], rel_tol=0.01)
+
+
+@pytest.mark.parametrize("name", ["pp2_layerdrop", "tp2_pp2"])
+def test_pipeline_stages_hold_only_their_own_weights(results, name):
+    """Every rank builds the whole model at init; afterwards a stage keeps its own layers' weights only."""
+    ranks, ref = results[name]["ranks"], results[REFERENCE[name]]["ranks"][0]
+    student_whole = ref[8]
+    tp = results[name]["tp"]
+    stage_first, stage_last = ranks[0], ranks[-1]  # rank order: pipe outermost, then data, then tensor
+    assert stage_first[8] + stage_last[8] == pytest.approx(student_whole / tp, rel=0.05)
+    assert max(stage_first[8], stage_last[8]) < 0.75 * student_whole / tp
+    assert all(r[9] == 0 for r in ranks)  # the teacher's weights are gathered only for the batch

@@ -173,6 +173,15 @@ def stage_pieces(pipe_module) -> tuple[torch.nn.ModuleList, torch.nn.ModuleList]
     return student, teacher
 
 
+def release_other_stages(module: torch.nn.Module, stage: torch.nn.Module) -> None:
+    """Free the weights of `module`'s parameters that are not in `stage`: every rank builds the whole model
+    (the same initial weights at any PP size) and then holds only its own stage's layers."""
+    local = {id(p) for p in stage.parameters()}
+    for p in module.parameters():
+        if id(p) not in local:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+
 def batch_to_pipe(batch: dict[str, torch.Tensor], micro: int) -> tuple[tuple, tuple]:
     """(inputs of the first stage, labels of the last) for the engine's data iterator."""
     mask_bits = batch["loss_mask"].to(torch.int8)

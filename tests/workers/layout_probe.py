@@ -16,6 +16,11 @@ from tests.helpers import make_cfg, random_batch
 from tests.sdt_probe import ema_closed_form, run
 
 
+def resident_numel(module: torch.nn.Module) -> int:
+    """Weights this rank holds (a ZeRO-3 partition or a released teacher weight holds none here)."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def main() -> None:
     out_path, steps, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     cfg = make_cfg(*overrides)
@@ -37,7 +42,8 @@ def main() -> None:
     in_opt = any(id(p) in ids for g in inner.param_groups for p in g["params"])
     in_opt = in_opt or any(id(p) in ids for p in inner.state)
     rank_info = torch.tensor([[tm.teacher.local_numel(), tm.teacher.full_numel(), ema_err, float(unchanged),
-                               float(in_opt), out["opt_numel"][0], out["opt_numel"][-1], len(frozen_idx)]],
+                               float(in_opt), out["opt_numel"][0], out["opt_numel"][-1], len(frozen_idx),
+                               resident_numel(tm.gpt), resident_numel(tm.teacher_gpt)]],
                              dtype=torch.float64)
     # rows of a hidden state on this rank: the whole sequence, or its 1/TP slice under sequence parallelism
     hidden_rows = None

@@ -71,18 +71,17 @@ def mark_sequence_parallel(module: torch.nn.Module) -> None:
         p.sequence_parallel = True
 
 
-def allreduce_sequence_parallel_grads(module: torch.nn.Module, tp_group: dist.ProcessGroup) -> int:
-    """Sum the gradient of every marked parameter over the TP group as it is produced; returns how many."""
+def allreduce_sequence_parallel_grads(module: torch.nn.Module, tp_group: dist.ProcessGroup) -> None:
+    """Sum the gradient of every marked parameter over the TP group as it is produced."""
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, group=tp_group)
         return grad
 
-    marked = [p for p in module.parameters() if is_sequence_parallel(p)]
-    for p in marked:
-        p.register_hook(hook)
-    return len(marked)
+    for p in module.parameters():
+        if is_sequence_parallel(p):
+            p.register_hook(hook)
 
 
 def local_tokens(x: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:

@@ -57,12 +57,14 @@ class DistillConfig:
     lambda_kd: float = 1.0
     temperature: float = 2.0
     lambda_sd: float = 1.0  # weight of the predictive-alignment term
+    align_reduce: str = "mean"  # sum | mean over the aligned layers of the step (mean: scale independent of depth)
     align_map: str = "identity"  # f(l): identity | strided | nearest
     teacher_layers: int | None = None  # teacher depth for f(l); None -> same as the student
     kappa_start_layers: int = 1  # aligned layers at t=0 (top-most first)
     kappa_ramp_frac: float = 0.5  # fraction of max_steps over which kappa reaches all unfrozen layers
     freeze_milestones: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])  # fractions of steps
     freeze_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])  # cumulative alpha_m
+    freeze_embedding: bool = False  # also freeze the embedding with the first layers (False: layers only, the paper)
     layerdrop_p: float = 0.1
     layerdrop_schedule: str = "uniform"  # uniform | linear (p_l = p * l / L)
 
@@ -122,6 +124,32 @@ class Config:
     def sha256(self) -> str:
         """Identity of the run's configuration, as checkpoints record it (meta.json `config_sha256`)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+# Keys added after checkpoints already existed, with the behaviour those checkpoints were trained with: a
+# recorded config that lacks one of them means the old value, not today's default.
+LEGACY_VALUES: dict[str, dict[str, Any]] = {"distill": {"align_reduce": "sum", "freeze_embedding": True}}
+
+
+def with_legacy_values(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config dict (meta.json `config`) completed with the legacy value of every key it predates."""
+    out = {section: dict(values) for section, values in recorded.items()}
+    for section, values in LEGACY_VALUES.items():
+        for key, value in values.items():
+            out.setdefault(section, {}).setdefault(key, value)
+    return out
+
+
+def adopt_legacy_values(cfg: Config, recorded: dict[str, Any]) -> list[str]:
+    """Resuming a checkpoint whose recorded config predates a key: keep the checkpoint's behaviour for it.
+    Returns `section.key=value` for each key adopted."""
+    adopted = []
+    for section, values in LEGACY_VALUES.items():
+        for key, value in values.items():
+            if key not in recorded.get(section, {}):
+                setattr(getattr(cfg, section), key, value)
+                adopted.append(f"{section}.{key}={value}")
+    return adopted
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -274,6 +302,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(d.lambda_kd >= 0, "distill.lambda_kd", "must be >= 0")
     _check(d.lambda_sd >= 0, "distill.lambda_sd", "must be >= 0")
     _check(d.temperature > 0, "distill.temperature", f"must be > 0, got {d.temperature}")
+    _check(d.align_reduce in ("sum", "mean"), "distill.align_reduce",
+           f"must be sum or mean, got {d.align_reduce!r}")
     _check(d.align_map in ("identity", "strided", "nearest"), "distill.align_map",
            f"must be identity, strided or nearest, got {d.align_map!r}")
     _check(d.teacher_layers is None or d.teacher_layers == m.num_layers, "distill.teacher_layers",

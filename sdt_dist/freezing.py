@@ -1,5 +1,5 @@
-"""Progressive freezing: at each milestone the lowest floor(alpha_m * L) layers and the embedding leave
-the optimizer for good.
+"""Progressive freezing: at each milestone the lowest floor(alpha_m * L) layers (and, with
+`distill.freeze_embedding`, the embedding) leave the optimizer for good.
 
 `requires_grad_(False)` alone is wrong under ZeRO 1/2/3 (Adam keeps moving frozen parameters with its
 momentum, and their state stays allocated). So freezing rebuilds the optimizer over the kept
@@ -19,11 +19,12 @@ from sdt_dist.model.gpt import GPTModel
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def frozen_parameters(gpt: GPTModel, num_frozen: int) -> list[torch.nn.Parameter]:
-    """The embedding and layers 1..num_frozen (with tied embeddings the head is the embedding)."""
+def frozen_parameters(gpt: GPTModel, num_frozen: int, include_embedding: bool = True) -> list[torch.nn.Parameter]:
+    """Layers 1..num_frozen, and the embedding if `include_embedding` (with tied embeddings the head is the
+    embedding, so it freezes too)."""
     if num_frozen <= 0:
         return []
-    params = list(gpt.embedding.parameters())
+    params = list(gpt.embedding.parameters()) if include_embedding else []
     for layer in gpt.layers[:num_frozen]:
         params.extend(layer.parameters())
     return params

@@ -62,10 +62,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mas
 
 def align_loss(predictions: dict[int, torch.Tensor], teacher_hidden: dict[int, torch.Tensor],
                layer_map: dict[int, int], loss_mask: torch.Tensor,
-               sp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum over aligned layers l of mean_tokens(1 - cos(q_l(h_S^l), stopgrad h_T^{f(l)})).
+               sp_group: dist.ProcessGroup | None = None, reduce: str = "sum",
+               num_aligned: int | None = None) -> torch.Tensor:
+    """Sum (or mean) over aligned layers l of mean_tokens(1 - cos(q_l(h_S^l), stopgrad h_T^{f(l)})).
 
     `predictions` holds q_l(h_S^l) ([s, b, d]) for the aligned layers that ran; `layer_map` is f.
+    `reduce="mean"` divides the sum by the number of aligned layers that ran this step, so that the term's
+    scale does not grow with depth or with kappa(t); `num_aligned` is that number when `predictions` holds
+    only some of them (a pipeline stage's own layers), else len(predictions).
     `sp_group`: hidden states are split along the sequence across this (TP) group, [s/tp, b, d]; the
     token means are then taken over the whole sequence: local sums reduced over the group.
     """
@@ -83,4 +87,7 @@ def align_loss(predictions: dict[int, torch.Tensor], teacher_hidden: dict[int, t
     if sp_group is not None:
         # forward: sum of the ranks' token sums; backward: identity (each rank's tokens are its own)
         total = reduce_from_tensor_model_parallel_region(total, sp_group)
-    return total / count.clamp(min=1.0)
+    total = total / count.clamp(min=1.0)
+    if reduce == "mean":
+        total = total / max(len(predictions) if num_aligned is None else num_aligned, 1)
+    return total

@@ -63,7 +63,8 @@ class SDTrainModule:
         else:
             self.pipe_ctx = PipeContext(
                 seed=cfg.train.seed, drop_probs=self.drop_probs, temperature=d.temperature, lambda_kd=d.lambda_kd,
-                lambda_sd=d.lambda_sd, dtype=self.dtype, tp_group=dims.tp_group if dims.tp > 1 else None,
+                lambda_sd=d.lambda_sd, align_reduce=d.align_reduce, dtype=self.dtype,
+                tp_group=dims.tp_group if dims.tp > 1 else None,
                 sp_group=dims.tp_group if cfg.parallel.sequence_parallel else None)
             self.student = build_pipeline_module(gpt, predictors, teacher_gpt, self.pipe_ctx, dims)
             self.engine = self._build_engine()
@@ -81,9 +82,15 @@ class SDTrainModule:
         """The student parameters the EMA teacher averages (this stage's, under PP), in its order."""
         return list(self.ema_source.parameters())
 
+    @property
+    def no_grad_prefix(self) -> int:
+        """Frozen layers that may run without autograd: all of them when the embedding below is frozen too;
+        none when it trains (its gradient flows back through the frozen layers, whose weights get none)."""
+        return self.frozen if self.cfg.distill.freeze_embedding else 0
+
     def frozen_indices(self) -> frozenset[int]:
         """Indices (in `student_gpt_params` order) of frozen parameters: the teacher copies them."""
-        ids = {id(p) for p in frozen_parameters(self.gpt, self.frozen)}
+        ids = {id(p) for p in frozen_parameters(self.gpt, self.frozen, self.cfg.distill.freeze_embedding)}
         return frozenset(i for i, p in enumerate(self.student_gpt_params()) if id(p) in ids)
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -102,12 +109,14 @@ class SDTrainModule:
             group["lr"] = lr
 
     def freeze(self, num_frozen: int, carry_state: bool = True) -> None:
-        """Freeze layers 1..num_frozen (and the embedding) for good: rebuild the optimizer without them.
+        """Freeze layers 1..num_frozen (and the embedding, with distill.freeze_embedding) for good: rebuild the
+        optimizer without them.
 
         `carry_state=False` is for a resume, where the checkpoint restores the optimizer anyway."""
         if num_frozen <= self.frozen:
             return
-        newly = frozen_parameters(self.gpt, num_frozen)  # under PP, some live on other stages: harmless
+        # under PP, some live on other stages: harmless
+        newly = frozen_parameters(self.gpt, num_frozen, self.cfg.distill.freeze_embedding)
         newly_ids = {id(p) for p in newly}
         kept = [p for p in self.student.parameters() if p.requires_grad and id(p) not in newly_ids]
         snap = snapshot_optimizer_state(self.engine, kept) if carry_state else None

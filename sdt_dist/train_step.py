@@ -1,7 +1,7 @@
 """One optimizer step of SelfDistil-T, as in the paper's Algorithm 1.
 
   for each micro-batch:
-    1. student forward with LayerDrop (frozen prefix without autograd)
+    1. student forward with LayerDrop (a frozen prefix that includes the embedding runs without autograd)
     2. teacher forward: EMA weights, eval mode, no LayerDrop, no grad
     3. losses: LM + lambda_KD * T^2 * KL(teacher || student) + lambda_SD * alignment
     4. backward; DeepSpeed steps the optimizer at the accumulation boundary (AdamW, grad clip)
@@ -52,7 +52,7 @@ def sdt_losses(tm: SDTrainModule, batch: dict[str, torch.Tensor], step: int, mic
     tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
 
     # 1. student forward with LayerDrop; predictors q_l on the aligned layers that ran
-    logits, predictions = tm.engine(tokens, skip=dropped, frozen_prefix=tm.frozen, aligned=tuple(aligned))
+    logits, predictions = tm.engine(tokens, skip=dropped, frozen_prefix=tm.no_grad_prefix, aligned=tuple(aligned))
     terms = {"lm": losses.lm_loss(logits, labels, mask, tp_group)}
     # 2. teacher forward (no grad, no dropout, no LayerDrop)
     if d.lambda_kd > 0 or predictions:
@@ -60,7 +60,8 @@ def sdt_losses(tm: SDTrainModule, batch: dict[str, torch.Tensor], step: int, mic
         # 3. distillation terms
         terms["kd"] = losses.kd_loss(logits, teacher.logits, mask, d.temperature, tp_group)
         sp_group = tp_group if tm.cfg.parallel.sequence_parallel else None
-        terms["align"] = losses.align_loss(predictions, teacher.hidden, tm.layer_map, mask, sp_group)
+        terms["align"] = losses.align_loss(predictions, teacher.hidden, tm.layer_map, mask, sp_group,
+                                           reduce=d.align_reduce)
     else:
         terms["kd"] = terms["align"] = torch.zeros((), device=logits.device)
     terms["total"] = terms["lm"] + d.lambda_kd * terms["kd"] + d.lambda_sd * terms["align"]
@@ -129,7 +130,7 @@ def _pipeline_batch(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tenso
     """Steps 1-4 under pipeline parallelism: the engine's schedule runs student and teacher forward
     stage by stage (alignment terms per stage, KD on the last), backward and the optimizer step."""
     ctx = tm.pipe_ctx
-    ctx.step, ctx.frozen, ctx.aligned, ctx.training = step, tm.frozen, frozenset(aligned), True
+    ctx.step, ctx.no_grad_prefix, ctx.aligned, ctx.training = step, tm.no_grad_prefix, frozenset(aligned), True
     ctx.terms.clear()
     data = iter([batch_to_pipe(b, m) for m, b in enumerate(micro_batches)])
     with tm.teacher.materialized():

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from sdt_dist import checkpoint
-from sdt_dist.config import Config
+from sdt_dist.config import Config, adopt_legacy_values
 from sdt_dist.data.errors import DataError
 from sdt_dist.data.loader import MicroBatchIterator, build_datasets
 from sdt_dist.data.manifest import verify_prepared
@@ -91,6 +91,7 @@ class Trainer:
             num_train_samples=t.max_steps * t.global_batch_size,
             num_valid_samples=max(t.eval_samples, t.micro_batch_size * dims.dp))
         self.tokenizer_sha = load_tokenizer(prepared[0]).sha256
+        self._adopt_checkpoint_legacy_values()
         self.tm = SDTrainModule(cfg, dims)
         teacher = self.tm.teacher
         log0(f"EMA teacher storage per rank: {teacher.local_numel():,} fp32 values "
@@ -109,6 +110,16 @@ class Trainer:
         return {"config": self.cfg.to_dict(), "config_sha256": self.cfg.sha256(),
                 "tokenizer_sha256": self.tokenizer_sha, "world_size": self.dims.world_size,
                 "layout": self.dims.describe(), "step": self.step, "consumed_samples": self.consumed}
+
+    def _adopt_checkpoint_legacy_values(self) -> None:
+        """A checkpoint from before a config key existed resumes with the behaviour it was trained with."""
+        path = checkpoint.resolve(self.cfg.train.resume, self.ckpt_root)
+        if path is None:
+            return
+        adopted = adopt_legacy_values(self.cfg, json.loads((path / "meta.json").read_text())["config"])
+        if adopted:
+            log0(f"checkpoint {path} predates {', '.join(a.split('=')[0] for a in adopted)}: resuming with "
+                 f"{', '.join(adopted)}, as it was trained")
 
     def resume(self) -> None:
         path = checkpoint.resolve(self.cfg.train.resume, self.ckpt_root)

@@ -10,22 +10,31 @@ FREEZE = ["train.max_steps=12", "distill.freeze_milestones=[0.25,0.5]", "distill
           "model.dropout=0", "distill.layerdrop_p=0"]
 
 
+# freeze_embedding=true (legacy), and false: layers only (the paper); tied embeddings cover the shared head
+EMBEDDING = {"frozen": ["distill.freeze_embedding=true"],
+             "trained": ["distill.freeze_embedding=false"],
+             "trained_tied": ["distill.freeze_embedding=false", "model.tie_embeddings=true"]}
+
+
 @pytest.fixture(scope="module")
 def runs(single_rank):
-    return {stage: run(make_cfg(f"parallel.zero_stage={stage}", *FREEZE), single_rank, steps=9)
-            for stage in (0, 1, 2, 3)}
+    return {(stage, emb): run(make_cfg(f"parallel.zero_stage={stage}", *FREEZE, *EMBEDDING[emb]), single_rank,
+                              steps=9)
+            for stage in (0, 1, 2, 3) for emb in ("frozen", "trained")}
 
 
+@pytest.mark.parametrize("emb", ["frozen", "trained"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_frozen_params_unchanged_and_out_of_optimizer(runs, stage):
-    out = runs[stage]
+def test_frozen_params_unchanged_and_out_of_optimizer(runs, stage, emb):
+    out = runs[stage, emb]
     tm = out["tm"]
+    with_embedding = emb == "frozen"
     assert out["frozen"] == [0, 0, 1, 1, 1, 2, 2, 2, 2]
     frozen = tm.frozen_indices()
-    frozen_params = frozen_parameters(tm.gpt, 2)
+    frozen_params = frozen_parameters(tm.gpt, 2, with_embedding)
     assert len(frozen) == len(frozen_params) > 0
-    # the first milestone is reached after step index 2: layer 1 + embedding fixed from then on
-    first = frozen_parameters(tm.gpt, 1)
+    # the first milestone is reached after step index 2: layer 1 (+ embedding) fixed from then on
+    first = frozen_parameters(tm.gpt, 1, with_embedding)
     first_idx = [i for i, p in enumerate(tm.student_gpt_params()) if any(p is q for q in first)]
     for i in first_idx:
         for h in out["history"][3:]:
@@ -48,16 +57,46 @@ def test_frozen_params_unchanged_and_out_of_optimizer(runs, stage):
     assert out["opt_numel"][1] - out["opt_numel"][3] == 2 * first_numel
 
 
-def test_all_zero_stages_agree_through_freezing(runs):
+@pytest.mark.parametrize("emb", ["frozen", "trained"])
+def test_all_zero_stages_agree_through_freezing(runs, emb):
     """Carrying the Adam state across the engine rebuild is exact: every ZeRO stage gives the same losses."""
-    ref = [r.loss for r in runs[0]["records"]]
+    ref = [r.loss for r in runs[0, emb]["records"]]
     for stage in (1, 2, 3):
-        got = [r.loss for r in runs[stage]["records"]]
+        got = [r.loss for r in runs[stage, emb]["records"]]
         assert got == pytest.approx(ref, rel=1e-4), stage
 
 
+def _embedding_indices(tm) -> list[int]:
+    emb = {id(p) for p in tm.gpt.embedding.parameters()}
+    return [i for i, p in enumerate(tm.student_gpt_params()) if id(p) in emb]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_trainable_embedding_keeps_learning_after_every_milestone(runs, stage):
+    """freeze_embedding=false: after each milestone the embedding still moves every step, through the
+    frozen layers' input gradients, while those layers stay fixed; the legacy setting fixes it."""
+    for emb in ("trained", "frozen"):
+        out = runs[stage, emb]
+        idx = _embedding_indices(out["tm"])
+        moved = [any(not torch.equal(out["history"][k + 1][i], out["history"][k][i]) for i in idx)
+                 for k in range(9)]
+        assert moved == ([True] * 9 if emb == "trained" else [True] * 3 + [False] * 6), (emb, moved)
+    # a frozen embedding leaves the autograd graph below the first unfrozen layer; a trainable one does not
+    assert runs[stage, "trained"]["tm"].no_grad_prefix == 0 and runs[stage, "frozen"]["tm"].no_grad_prefix == 2
+
+
+def test_a_tied_embedding_and_head_keep_learning_after_the_milestones(single_rank):
+    out = run(make_cfg("parallel.zero_stage=3", *FREEZE, *EMBEDDING["trained_tied"]), single_rank, steps=9)
+    tm = out["tm"]
+    assert tm.gpt.tie_embeddings and tm.frozen == 2
+    idx = _embedding_indices(tm)
+    assert all(not torch.equal(out["history"][k + 1][i], out["history"][k][i]) for k in range(3, 9) for i in idx)
+    layer_ids = {id(p) for layer in tm.gpt.layers[:2] for p in layer.parameters()}
+    assert sorted(tm.frozen_indices()) == [i for i, p in enumerate(tm.student_gpt_params()) if id(p) in layer_ids]
+
+
 def test_autograd_stops_at_the_frozen_boundary(runs):
-    tm = runs[0]["tm"]
+    tm = runs[0, "frozen"]["tm"]
     cfg = make_cfg(*FREEZE)
     out = tm.gpt(random_batch(cfg, 0)["tokens"], frozen_prefix=2)
     assert not out.hidden[1].requires_grad and not out.hidden[2].requires_grad

@@ -57,3 +57,26 @@ def test_align_loss_closed_form_and_stop_gradient():
     assert pred.grad.abs().sum() > 0 and target.grad is None
     # identical directions give 0
     assert align_loss({1: target.detach() * 3}, {1: target.detach()}, {1: 1}, mask).abs().item() < 1e-6
+
+
+def test_align_reduce_mean_is_the_sum_over_the_aligned_layers_divided_by_their_number():
+    s, b, d = 5, 3, 8
+    g = torch.Generator().manual_seed(7)
+    preds = {n: torch.randn(s, b, d, generator=g) for n in (2, 3, 4)}
+    targets = {n: torch.randn(s, b, d, generator=g) for n in (2, 3, 4)}
+    mask = torch.ones(b, s)
+    mask[0, -2:] = 0
+    ident = {n: n for n in preds}
+    per_layer = []
+    for n in preds:  # closed form: mean over unmasked tokens of 1 - cos, layer by layer
+        cos = torch.nn.functional.cosine_similarity(preds[n], targets[n], dim=-1).transpose(0, 1)
+        per_layer.append(((1 - cos) * mask).sum() / mask.sum())
+    total = align_loss(preds, targets, ident, mask, reduce="sum")
+    mean = align_loss(preds, targets, ident, mask, reduce="mean")
+    torch.testing.assert_close(total, sum(per_layer))
+    torch.testing.assert_close(mean, sum(per_layer) / 3)
+    # a pipeline stage holding one of the three aligned layers divides by the step's count, not its own
+    one = align_loss({3: preds[3]}, targets, ident, mask, reduce="mean", num_aligned=3)
+    torch.testing.assert_close(one, per_layer[1] / 3)
+    # no aligned layer ran: zero, not a division by zero
+    assert align_loss({}, targets, ident, mask, reduce="mean").item() == 0.0

@@ -97,6 +97,10 @@ def test_teacher_sharded_exact_and_frozen_params_left_optimizer(results, name):
         assert frozen_unchanged == 1.0 and frozen_in_opt == 0.0
         # optimizer state memory was freed where frozen parameters live (a later pipeline stage has none)
         assert opt_last < opt_first if local_frozen else opt_last == opt_first
+    # freeze_embedding=false (the default): the embedding trains on after the last milestone, on every rank
+    # that holds a piece of it
+    embedding = [r[8] for r in res["ranks"] if r[8] != -1.0]
+    assert embedding and all(moved == 1.0 for moved in embedding)
     if dp > 1:
         assert math.isclose(res["ranks"][0][0] * dp, res["ranks"][0][1], rel_tol=0.01)
 

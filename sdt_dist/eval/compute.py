@@ -10,8 +10,9 @@ forward). Norms, softmax, residuals and the optimizer are left out (a few % at t
 
 A SelfDistil-T step per token (student with LayerDrop and freezing, plus the EMA teacher):
   student forward   sum over layers that ran of (2 N_layer + 2 s d), + 2 N_head
-  student backward  2x the forward of the layers that ran and are not frozen, + 4 N_head
-                    (frozen layers 1..k run without autograd: backward stops at the boundary)
+  student backward  2x the forward of the layers that ran and are not frozen, + 4 N_head; frozen layers
+                    1..k cost nothing when the embedding is frozen too (they run without autograd, backward
+                    stops at the boundary), else 1x their forward (input gradients only, on to the embedding)
   teacher forward   2N + 2 L s d, when a distillation term is on (lambda_kd > 0 or lambda_sd > 0)
 The frozen count and the dropped layers of every micro-step are pure functions of (config, step)
 (`schedules.frozen_layers_at`, `layerdrop.sample_dropped`), so the totals are exact for the run's
@@ -32,7 +33,8 @@ from sdt_dist.schedules import aligned_layers_at, frozen_layers_at
 FLOPS_FORMULA = (
     "forward/token = 2N + 2*L*s*d; training/token = 6N + 6*L*s*d (Kaplan et al. 2020), N = L*N_layer + d*V "
     "(decoder + output-projection weights; embedding lookups excluded). SelfDistil-T step: student forward "
-    "over the layers that ran + backward (2x forward) over the ones that ran unfrozen + output head fwd/bwd, "
+    "over the layers that ran + backward (2x forward) over the ones that ran unfrozen (1x over frozen ones when "
+    "the embedding trains) + output head fwd/bwd, "
     "+ EMA-teacher forward (2N + 2Lsd) when lambda_kd > 0 or lambda_sd > 0; norms, softmax, predictors and "
     "the optimizer excluded"
 )
@@ -55,10 +57,12 @@ def flops_per_token(m: ModelConfig, per_layer_params: int) -> dict[str, float]:
     return {"N": float(n), "forward": 2.0 * n + attn, "training": 6.0 * n + 3 * attn}
 
 
-def _sdt_step_flops(m: ModelConfig, per_layer_params: int, ran: int, ran_trainable: int, teacher: bool) -> float:
+def _sdt_step_flops(m: ModelConfig, per_layer_params: int, ran: int, ran_trainable: int, teacher: bool,
+                    ran_input_grad_only: int = 0) -> float:
     layer_fwd = 2.0 * per_layer_params + 2.0 * m.seq_length * m.hidden_size
     head_fwd = 2.0 * m.hidden_size * m.vocab_size
-    student = ran * layer_fwd + head_fwd + 2 * (ran_trainable * layer_fwd + head_fwd)
+    student = (ran * layer_fwd + head_fwd + 2 * (ran_trainable * layer_fwd + head_fwd)
+               + ran_input_grad_only * layer_fwd)
     return student + (m.num_layers * layer_fwd + head_fwd if teacher else 0.0)
 
 
@@ -86,8 +90,11 @@ def schedule_flops(cfg: Config, per_layer_params: int, world_size: int, steps: i
             dropped = sample_dropped(probs, t.seed, step, micro)
             ran = m.num_layers - len(dropped)
             trainable = sum(1 for n in range(frozen + 1, m.num_layers + 1) if n not in dropped)
+            # a trainable embedding below frozen layers needs their input gradients
+            input_grad_only = 0 if d.freeze_embedding else ran - trainable
             total += tokens_per_micro * _sdt_step_flops(
-                m, per_layer_params, ran, trainable, _teacher_runs(d, step, m.num_layers, t.max_steps, frozen))
+                m, per_layer_params, ran, trainable, _teacher_runs(d, step, m.num_layers, t.max_steps, frozen),
+                input_grad_only)
             no_freeze += tokens_per_micro * _sdt_step_flops(
                 m, per_layer_params, ran, ran, _teacher_runs(d, step, m.num_layers, t.max_steps, 0))
     plain = flops_per_token(m, per_layer_params)["training"] * tokens_per_micro * gas * steps

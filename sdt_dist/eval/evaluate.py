@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdt_dist.config import Config
+from sdt_dist.config import Config, with_legacy_values
 from sdt_dist.data.errors import DataError
 from sdt_dist.eval.compute import parameter_counts, run_compute
 from sdt_dist.eval.metrics import DEFAULT_BINS, EvalAccumulator, token_stats
@@ -64,7 +64,8 @@ def resolve_checkpoint(path: str | Path) -> CheckpointRef:
 def run_config(meta: dict[str, Any]) -> Config:
     """The training Config stored in a checkpoint's meta.json (not re-validated: paths may have moved)."""
     default = Config()
-    return Config(**{f.name: type(getattr(default, f.name))(**meta["config"][f.name])
+    recorded = with_legacy_values(meta["config"])
+    return Config(**{f.name: type(getattr(default, f.name))(**recorded[f.name])
                      for f in dataclasses.fields(Config)})
 
 

@@ -40,11 +40,12 @@ class PipeContext:
     temperature: float
     lambda_kd: float
     lambda_sd: float
+    align_reduce: str
     dtype: torch.dtype
     tp_group: torch.distributed.ProcessGroup | None
     sp_group: torch.distributed.ProcessGroup | None  # the TP group when hidden states are sequence-split
     step: int = 0
-    frozen: int = 0
+    no_grad_prefix: int = 0  # the embedding and layers 1..k run without autograd (frozen, embedding included)
     aligned: frozenset[int] = frozenset()
     training: bool = True  # False for validation: no LayerDrop, no teacher forward, LM loss only
     terms: list[dict[str, float]] = field(default_factory=list)  # per micro-batch, filled on the last stage
@@ -71,7 +72,7 @@ class EmbedPipe(torch.nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         tokens, mask_bits, micro = inputs
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ctx.frozen == 0):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.ctx.no_grad_prefix == 0):
             h = embed_tokens(self.embedding, self.embedding_dropout, tokens)
         if self.ctx.training:
             with torch.no_grad():
@@ -98,7 +99,7 @@ class DecoderPipe(torch.nn.Module):
         ctx = self.ctx
         rotary = self.rope(mask_bits.size(1), h.device)  # the whole sequence, also when h is a slice of it
         skip = self.number in ctx.dropped(micro)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.number > ctx.frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.number > ctx.no_grad_prefix):
             h, _ = self.layer(h, attention_mask=None, rotary_pos_emb=rotary, skip=skip)
         if ctx.training:
             with torch.no_grad():
@@ -106,8 +107,11 @@ class DecoderPipe(torch.nn.Module):
             h_t_bits = to_bits(h_t)
             if self.number in ctx.aligned and not skip:
                 mask = mask_bits.to(torch.float32)
+                # the mean is over the aligned layers that ran on every stage, not this stage's
+                ran = len(ctx.aligned - ctx.dropped(micro))
                 acc = acc + losses.align_loss({self.number: self.predictor(h)}, {self.number: h_t},
-                                              {self.number: self.number}, mask, ctx.sp_group)
+                                              {self.number: self.number}, mask, ctx.sp_group,
+                                              reduce=ctx.align_reduce, num_aligned=ran)
         return _with_grad(h), h_t_bits, _with_grad(acc), mask_bits, micro
 
 

@@ -34,15 +34,22 @@ def main() -> None:
     taus = [r.tau for r in out["records"]]
     ema_err = max((a.double() - b).abs().max().item()
                   for a, b in zip(out["teacher"], ema_closed_form(out["history"], taus, out["copied"])))
-    frozen = frozen_parameters(tm.gpt, tm.frozen)
+    frozen = frozen_parameters(tm.gpt, tm.frozen, cfg.distill.freeze_embedding)
     frozen_idx = sorted(tm.frozen_indices())
     unchanged = all(torch.equal(h[i], out["history"][-1][i]) for h in out["history"][-3:] for i in frozen_idx)
+    # a trainable embedding (distill.freeze_embedding=false) still moves in the steps after the last milestone;
+    # -1 where this rank holds none of it (a later pipeline stage)
+    emb_ids = {id(p) for p in tm.gpt.embedding.parameters()}
+    emb_idx = [i for i, p in enumerate(tm.student_gpt_params())
+               if id(p) in emb_ids and getattr(p, "ds_numel", p.numel()) > 0]
+    emb_moved = -1.0 if not emb_idx else float(all(
+        any(not torch.equal(a[i], b[i]) for i in emb_idx) for a, b in zip(out["history"][-3:], out["history"][-2:])))
     inner = getattr(tm.engine.optimizer, "optimizer", tm.engine.optimizer)
     ids = {id(p) for p in frozen}
     in_opt = any(id(p) in ids for g in inner.param_groups for p in g["params"])
     in_opt = in_opt or any(id(p) in ids for p in inner.state)
     rank_info = torch.tensor([[tm.teacher.local_numel(), tm.teacher.full_numel(), ema_err, float(unchanged),
-                               float(in_opt), out["opt_numel"][0], out["opt_numel"][-1], len(frozen_idx),
+                               float(in_opt), out["opt_numel"][0], out["opt_numel"][-1], len(frozen_idx), emb_moved,
                                resident_numel(tm.gpt), resident_numel(tm.teacher_gpt)]],
                              dtype=torch.float64)
     # rows of a hidden state on this rank: the whole sequence, or its 1/TP slice under sequence parallelism

@@ -61,3 +61,34 @@ def test_yaml_object_tags_are_refused(tmp_path):
     bad.write_text("train: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_checkpoints_that_predate_align_reduce_and_freeze_embedding_keep_their_behaviour(tmp_path):
+    """A recorded config without the keys means the behaviour it was trained with (sum, embedding frozen), for
+    evaluation (run_config) and for a resume (the trainer adopts them before building the model)."""
+    import json
+    from types import SimpleNamespace
+
+    from sdt_dist.eval.evaluate import run_config
+    from sdt_dist.trainer import Trainer
+
+    new = load_config(None, TINY)
+    assert (new.distill.align_reduce, new.distill.freeze_embedding) == ("mean", False)  # today's defaults
+    old = new.to_dict()
+    del old["distill"]["align_reduce"], old["distill"]["freeze_embedding"]
+    assert (run_config({"config": old}).distill.align_reduce, run_config({"config": old}).distill.freeze_embedding) \
+        == ("sum", True)
+    assert run_config({"config": new.to_dict()}).distill.align_reduce == "mean"  # recorded keys are kept
+
+    ckpt = tmp_path / "checkpoints" / "step_00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"config": old}))
+    resuming = SimpleNamespace(cfg=load_config(None, TINY + ["train.resume=auto"]), ckpt_root=tmp_path / "checkpoints")
+    Trainer._adopt_checkpoint_legacy_values(resuming)
+    assert (resuming.cfg.distill.align_reduce, resuming.cfg.distill.freeze_embedding) == ("sum", True)
+    (ckpt / "meta.json").write_text(json.dumps({"config": new.to_dict()}))  # a current checkpoint: nothing adopted
+    current = SimpleNamespace(cfg=load_config(None, TINY), ckpt_root=tmp_path / "checkpoints")
+    Trainer._adopt_checkpoint_legacy_values(current)
+    assert (current.cfg.distill.align_reduce, current.cfg.distill.freeze_embedding) == ("mean", False)
+    with pytest.raises(ConfigError, match="distill.align_reduce"):
+        load_config(None, TINY + ["distill.align_reduce=max"])

@@ -370,13 +370,73 @@ def pruning_plots(spec: SweepSpec, agg: dict[str, Any]) -> list[Path]:
     return paths
 
 
+def learning_curves(spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """Per table and trained row: held-out perplexity at the runs' evaluation steps against training tokens,
+    mean and std over the seeds that logged that step (rows evaluating another arm's weights are left out:
+    their runs log the student's perplexity, not theirs)."""
+    from sdt_dist.eval.compute import read_metrics
+
+    cfg = load_config(spec.base, spec.overrides)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+    out: dict[str, dict[str, Any]] = {}
+    for table in spec.tables:
+        rows = {}
+        for name in table.rows:
+            if spec.variants[name].train_as is not None:
+                continue
+            by_step: dict[int, list[float]] = {}
+            for seed in spec.seeds:
+                for r in read_metrics(spec.out_dir / name / f"seed{seed}"):
+                    if r.get("val_ppl") is not None:
+                        by_step.setdefault(r["step"], []).append(r["val_ppl"])
+            if by_step:
+                steps = sorted(by_step)
+                stats = [mean_std(by_step[s]) for s in steps]
+                rows[name] = {"label": table.labels.get(name, spec.variants[name].label),
+                              "tokens": [s * tokens_per_step for s in steps], "seeds": [len(by_step[s]) for s in steps],
+                              "ppl_mean": [m for m, _ in stats], "ppl_std": [sd or 0.0 for _, sd in stats]}
+        out[table.name] = rows
+    return out
+
+
+def learning_curve_plots(spec: SweepSpec, curves: dict[str, dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for table in spec.tables:
+        rows = curves.get(table.name) or {}
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for row in rows.values():
+            ax.errorbar(row["tokens"], row["ppl_mean"], yerr=row["ppl_std"], marker="o", ms=3, capsize=2,
+                        label=row["label"])
+        ax.set(xlabel="training tokens", ylabel="held-out perplexity (validation split)", yscale="log",
+               title=f"{table.title}: learning curves")
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = spec.out_dir / f"{table.name}_curves.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def write_outputs(spec: SweepSpec) -> list[Path]:
-    """tables.json, tables.md and pruning plots under out_dir (every table; missing arms show as —)."""
+    """tables.json, tables.md, pruning plots and learning curves under out_dir (every table; missing arms
+    show as —)."""
     agg = aggregate(spec)
+    agg["learning_curves"] = learning_curves(spec)
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(spec.out_dir / "tables.json", agg)
     write_text_atomic(spec.out_dir / "tables.md", markdown_tables(spec, agg))
-    return [spec.out_dir / "tables.json", spec.out_dir / "tables.md", *pruning_plots(spec, agg)]
+    return [spec.out_dir / "tables.json", spec.out_dir / "tables.md", *pruning_plots(spec, agg),
+            *learning_curve_plots(spec, agg["learning_curves"])]
 
 
 def _csv(text: str) -> list[str]:

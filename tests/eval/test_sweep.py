@@ -182,3 +182,22 @@ def test_shipped_sweeps_resolve():
         assert selected, path
         for table in spec.tables:
             assert set(table.rows) <= set(spec.variants), (path, table.name)
+
+
+def test_learning_curves_average_the_seeds_validation_perplexity_against_tokens(tmp_path):
+    from sdt_dist.eval.sweep import learning_curves
+
+    spec = load_spec(write_sweep(tmp_path))
+    for seed, ppl in ((1, [500.0, 300.0]), (2, [520.0, 280.0])):
+        run_dir = spec.out_dir / "sdt" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        lines = [{"step": 1, "loss": 6.0}, {"step": 3, "loss": 5.0, "val_ppl": ppl[0]},
+                 {"step": 6, "loss": 4.0, "val_ppl": ppl[1]}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curves = learning_curves(spec)["t1"]
+    assert set(curves) == {"sdt"}  # no runs for the baseline; ema_only evaluates another arm's weights
+    sdt = curves["sdt"]
+    assert sdt["tokens"] == [3 * 4 * 16, 6 * 4 * 16]  # steps x global batch x sequence length
+    assert sdt["ppl_mean"] == [510.0, 290.0] and sdt["seeds"] == [2, 2]
+    assert sdt["ppl_std"] == pytest.approx([200 ** 0.5, 200 ** 0.5])
+    assert (spec.out_dir / "t1_curves.png") in write_outputs(spec)

@@ -137,6 +137,17 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
+def _same_run(recorded: dict[str, Any] | None, cfg: Config) -> bool:
+    """The recorded config is this arm's but for where it ran (a run moved to the variant that names it now,
+    e.g. the sweep arm chosen as the new default recipe)."""
+    if recorded is None:
+        return False
+    mine = cfg.to_dict()
+    theirs = json.loads(json.dumps(recorded))
+    mine["train"].pop("out_dir"), theirs.get("train", {}).pop("out_dir", None)
+    return theirs == json.loads(json.dumps(mine))
+
+
 @dataclass(frozen=True)
 class Arm:
     variant: Variant
@@ -164,7 +175,7 @@ class Arm:
         if not meta_path.is_file() or not (self.final_checkpoint / "export" / "student.safetensors").is_file():
             return False
         meta = json.loads(meta_path.read_text())
-        if meta.get("config_sha256") != self.config.sha256():
+        if meta.get("config_sha256") != self.config.sha256() and not _same_run(meta.get("config"), self.config):
             raise ConfigError(f"{self.final_checkpoint} was trained with another config than arm {self.name} "
                               f"(the sweep YAML or base config changed?); delete {self.train_dir} or use another "
                               f"out_dir")

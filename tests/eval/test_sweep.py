@@ -201,3 +201,21 @@ def test_learning_curves_average_the_seeds_validation_perplexity_against_tokens(
     assert sdt["ppl_mean"] == [510.0, 290.0] and sdt["seeds"] == [2, 2]
     assert sdt["ppl_std"] == pytest.approx([200 ** 0.5, 200 ** 0.5])
     assert (spec.out_dir / "t1_curves.png") in write_outputs(spec)
+
+
+def test_a_run_moved_to_the_variant_that_now_names_its_config_is_reused(tmp_path):
+    """An arm chosen as the new default recipe keeps its training: its directory moves to the default's
+    variant, whose config differs only in train.out_dir; any other difference is still refused."""
+    spec = load_spec(write_sweep(tmp_path))
+    (arm,) = arms(spec, ["sdt"], [1])
+    ckpt = arm.final_checkpoint
+    (ckpt / "export").mkdir(parents=True)
+    (ckpt / "export" / "student.safetensors").write_bytes(b"")
+    elsewhere = arm.config.to_dict()
+    elsewhere["train"]["out_dir"] = str(tmp_path / "out" / "sd_mean_0.3" / "seed1")
+    (ckpt / "meta.json").write_text(json.dumps({"config_sha256": "0" * 64, "config": elsewhere}))
+    assert arm.trained()
+    elsewhere["train"]["lr"] = 1.0
+    (ckpt / "meta.json").write_text(json.dumps({"config_sha256": "0" * 64, "config": elsewhere}))
+    with pytest.raises(ConfigError, match="another config"):
+        arm.trained()

@@ -3,26 +3,13 @@
 The skip decisions of a micro-step are a pure function of (seed, step, micro-step): every rank of a
 tensor-parallel group and every pipeline stage draws the same decisions without communicating, and a
 resumed run draws exactly what the uninterrupted run would have. A skipped layer is the identity and
-produces no hidden state, hence no alignment term. The teacher's spec sets p = 0.
+produces no hidden state, hence no alignment term. The teacher's spec sets p = 0. The skippable layer
+itself is the model's: `sdt_dist/model/layerdrop_layer.py`.
 """
 
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.transformer_layer import TransformerLayer
-
-
-class LayerDropTransformerLayer(TransformerLayer):
-    """A megatron-core `TransformerLayer` that can be skipped; `drop_prob` is its LayerDrop rate."""
-
-    def __init__(self, *args, drop_prob: float = 0.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.drop_prob = drop_prob
-
-    def forward(self, hidden_states: torch.Tensor, *args, skip: bool = False, **kwargs):
-        if skip:
-            return hidden_states, None
-        return super().forward(hidden_states, *args, **kwargs)
 
 
 def layer_probs(p: float, num_layers: int, schedule: str = "uniform") -> list[float]:

@@ -13,7 +13,10 @@ import torch.distributed.nn.functional as dist_nn
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-from sdt_dist.parallel.sequence_parallel import local_tokens
+
+def _local_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's slice of a [b, s, ...] tensor along the sequence (the slice megatron's SP scatter keeps)."""
+    return x.chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)]
 
 
 def _masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -77,7 +80,7 @@ def align_loss(predictions: dict[int, torch.Tensor], teacher_hidden: dict[int, t
         mask = loss_mask.transpose(0, 1)  # hidden states are [s, b, d]
         count = mask.sum()
     else:
-        mask = local_tokens(loss_mask, sp_group).transpose(0, 1)
+        mask = _local_tokens(loss_mask, sp_group).transpose(0, 1)
         count = loss_mask.sum()  # every rank holds the whole [b, s] mask
     total = loss_mask.new_zeros(())
     for layer, pred in predictions.items():

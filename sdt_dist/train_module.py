@@ -22,7 +22,11 @@ from sdt_dist.parallel.engine import (
     param_groups,
 )
 from sdt_dist.parallel.pipeline import PipeContext, build_pipeline_module, release_other_stages, stage_pieces
-from sdt_dist.parallel.sequence_parallel import allreduce_sequence_parallel_grads, mark_sequence_parallel
+from sdt_dist.parallel.sequence_parallel import (
+    allreduce_sequence_parallel_grads,
+    mark_sequence_parallel,
+    place_megatron_buffers_on_accelerator,
+)
 from sdt_dist.predictor import build_predictors, predictor_spec
 from sdt_dist.schedules import layer_map
 from sdt_dist.teacher import EmaTeacher
@@ -32,6 +36,8 @@ class SDTrainModule:
     def __init__(self, cfg: Config, dims: ParallelDims) -> None:
         self.cfg, self.dims = cfg, dims
         m, d = cfg.model, cfg.distill
+        if cfg.parallel.sequence_parallel:
+            place_megatron_buffers_on_accelerator()  # megatron-core allocates SP buffers on CUDA by default
         self.ds_config = build_ds_config(cfg, dims.dp)
         self.dtype = compute_dtype(self.ds_config)
         tconf = transformer_config(m, cfg.parallel, self.dtype)

@@ -18,10 +18,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from sdt_dist.config import ModelConfig, ParallelConfig
-from sdt_dist.layerdrop import LayerDropTransformerLayer
 from sdt_dist.model.attention import SDPAttention
+from sdt_dist.model.layerdrop_layer import LayerDropTransformerLayer
 from sdt_dist.model.norm import LayerNorm
-from sdt_dist.parallel.sequence_parallel import place_megatron_buffers_on_accelerator
 
 
 def decoder_layer_spec(drop_prob: float = 0.0) -> ModuleSpec:
@@ -61,8 +60,6 @@ def teacher_layer_specs(num_layers: int) -> list[ModuleSpec]:
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
 ) -> TransformerConfig:
-    if parallel.sequence_parallel:
-        place_megatron_buffers_on_accelerator()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,

@@ -9,7 +9,7 @@ left is what Megatron's own DDP does and DeepSpeed does not:
     hook on the parameter does it while the gradient is produced, before DeepSpeed's own gradient hooks
     (ZeRO-2/3 reduce during backward), so it is exact under every ZeRO stage;
   * token means over sequence-split tensors (the alignment loss) are sums reduced across the TP group
-    divided by the global token count (`local_tokens` gives this rank's slice of a [b, s] mask).
+    divided by the global token count (`losses.align_loss` takes this rank's slice of the [b, s] mask).
 megatron-core allocates the buffers of these collectives with `torch.cuda.current_device()`;
 `place_megatron_buffers_on_accelerator` points that at DeepSpeed's accelerator when it is not CUDA (on CUDA
 nothing changes), so the CPU tests run megatron's own sequence-parallel code.
@@ -82,9 +82,3 @@ def allreduce_sequence_parallel_grads(module: torch.nn.Module, tp_group: dist.Pr
     for p in module.parameters():
         if is_sequence_parallel(p):
             p.register_hook(hook)
-
-
-def local_tokens(x: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's slice of a [b, s, ...] tensor along the sequence (the slice megatron's scatter keeps)."""
-    size, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    return x.chunk(size, dim=1)[rank]

@@ -11,12 +11,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
+
+from sdt_dist.paths import expand_vars
 
 
 class ConfigError(ValueError):
@@ -204,9 +205,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _expand(text: str) -> str:
-    # Let configs name shared corpora portably, e.g. ${SDT_SHARED_DATA}/openwebtext-1000/...
-    os.environ.setdefault("SDT_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    return os.path.expandvars(text)
+    # Let configs name shared corpora portably, e.g. ${SDT_SHARED_DATA}/wikitext-2/...
+    return expand_vars(text)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

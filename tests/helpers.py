@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from sdt_dist.config import Config, load_config
+from sdt_dist.paths import owt1000
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SDT_SHARED_DATA", REPO.parent / "shared" / "data"))
-OWT = SHARED_DATA / "openwebtext-1000" / "openwebtext-1000.jsonl.gz"
+OWT = owt1000()
 
 TINY = [
     "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "model.vocab_size=128",

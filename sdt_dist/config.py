@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
@@ -106,6 +107,8 @@ class TrainConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
+    wandb: bool = False  # also log to Weights & Biases (pip install 'sdt-dist[wandb]'; WANDB_MODE=offline works)
+    wandb_project: str = "sdt-dist"
 
 
 @dataclass
@@ -304,6 +307,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.eval_interval > 0, "train.eval_interval", "must be > 0")
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
     _check(cfg.logging.log_interval > 0, "logging.log_interval", "must be > 0")
+    _check(not cfg.logging.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
+           "the wandb package is not installed: pip install 'sdt-dist[wandb]' (or set logging.wandb=false)")
 
     data = cfg.data
     _check(bool(data.prepared) or data.source is not None, "data.prepared",

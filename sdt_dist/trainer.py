@@ -110,7 +110,8 @@ class Trainer:
         gathered = teacher.full_numel() if dims.pp > 1 else teacher.largest_unit_numel()
         log0(f"EMA teacher forward gathers at most {gathered:,} values at once "
              f"({'the whole stage, for each batch' if dims.pp > 1 else 'one module at a time'}, {self.tm.dtype})")
-        self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard,
+                                     cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.to_dict())
         self.step = 0
         self.consumed = 0
         self.skipped_in_row = 0

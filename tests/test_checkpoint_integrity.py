@@ -73,6 +73,7 @@ def _copy_run(base: Path, tmp_path: Path, name: str) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_real_resumes_survive_damage_and_refuse_changed_configs(owt_small, tmp_path):
     common = ("train.max_steps=4", "train.save_interval=2", "train.eval_interval=100", "train.keep_checkpoints=3")
     base = tmp_path / "base"

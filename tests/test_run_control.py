@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import REPO, job_cmd, run_job, worker_env
 
+pytestmark = pytest.mark.slow  # real training processes
+
 
 @pytest.fixture(scope="module")
 def locked_then_interrupted(owt_small, tmp_path_factory):

@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-# (metrics.jsonl key, panel title, logarithmic y axis)
+# (metrics.jsonl key, panel title, logarithmic y axis when the values span more than 10x)
 PANELS = [("loss", "total loss", False), ("loss_lm", "LM loss", False), ("loss_kd", "KD loss", False),
           ("loss_align", "alignment loss", False), ("val_ppl", "held-out perplexity", True),
           ("lr", "learning rate", False), ("tokens_per_s", "tokens/s", False),
@@ -52,18 +52,25 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
 
     matplotlib.use("Agg")  # files only: no display needed on a cluster node
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
     data = {str(r): read_metrics(r) for r in runs}
     fig, axes = plt.subplots(2, 4, figsize=(18, 8), sharex=True)
     for ax, (key, title, log_y) in zip(axes.flat, PANELS):
+        shown: list[float] = []
         for i, (name, records) in enumerate(data.items()):
             steps, values = _series(records, key)
+            shown += values
             if steps:
                 ax.plot(steps, values, color=f"C{i}", label=name, marker="o" if key == "val_ppl" else None,
                         markersize=3, drawstyle="steps-post" if key == "frozen_layers" else "default")
         ax.set_title(title)
-        if log_y and ax.has_data():
+        if log_y and shown and min(shown) > 0 and max(shown) / min(shown) > 10:  # early perplexity dwarfs the rest
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers, not 1.1 x 10^3
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        if key == "frozen_layers":
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("step")
@@ -89,3 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[sdt-plot] error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"[sdt-plot] wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,8 @@ Layout under `<run>/checkpoints/`:
     <DeepSpeed files>       student + predictors + optimizer (any ZeRO stage, per-rank partitions)
     rank_00000.pt ...       per rank: teacher shard, RNG states, step, consumed samples, frozen layers
     export/                 full student and teacher weights (safetensors), loadable at any layout
-    meta.json               config, tokenizer hash, world layout (written last, by rank 0)
+    meta.json               config, tokenizer hash, world layout, size + sha256 of every other file
+                            (written last, by rank 0; `integrity.py` verifies them on resume)
   latest                    the tag of the newest complete checkpoint (replaced atomically)
 A checkpoint is written under `.tmp-<tag>` and renamed only after every rank has finished, so a crash
 while saving leaves the previous one intact and `latest` never points at a partial directory.
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from sdt_dist.atomic import write_json_atomic, write_text_atomic
 from sdt_dist.export import export
 from sdt_dist.faults import maybe_die
+from sdt_dist.integrity import file_digests
 from sdt_dist.train_module import SDTrainModule
 
 LATEST = "latest"
@@ -68,6 +70,8 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     dist.barrier()
     if rank == 0:
         export(ckpt_root / tmp_tag / "export", tm.cfg.model, student, teacher)
+        # every rank's files are complete (barrier above): record their checksums for the resume to verify
+        meta = {**meta, "files": file_digests(ckpt_root / tmp_tag)}
         write_json_atomic(ckpt_root / tmp_tag / "meta.json", meta, sort_keys=True)
         final = ckpt_root / tag
         if final.exists():

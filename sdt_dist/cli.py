@@ -48,6 +48,7 @@ def train_main(argv: list[str] | None = None) -> None:
 
     from sdt_dist.data.errors import DataError
     from sdt_dist.parallel.dims import destroy_parallel, init_parallel
+    from sdt_dist.run_lock import RunDirLocked
     from sdt_dist.trainer import Trainer, log0
 
     dims = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage)
@@ -55,7 +56,7 @@ def train_main(argv: list[str] | None = None) -> None:
     log0(f"parallel layout: {dims.describe()}")
     try:
         Trainer(cfg, dims).fit()
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, RunDirLocked) as e:
         # bad input: one clear line on every rank, not a traceback from inside a library
         print(f"[sdt-dist] rank {dims.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.stderr.flush()

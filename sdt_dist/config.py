@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
+
+from sdt_dist.paths import expand_vars
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,8 @@ class TrainConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
+    wandb: bool = False  # also log to Weights & Biases (pip install 'sdt-dist[wandb]'; WANDB_MODE=offline works)
+    wandb_project: str = "sdt-dist"
 
 
 @dataclass
@@ -232,9 +236,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _expand(text: str) -> str:
-    # Let configs name shared corpora portably, e.g. ${SDT_SHARED_DATA}/openwebtext-1000/...
-    os.environ.setdefault("SDT_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    return os.path.expandvars(text)
+    # Let configs name shared corpora portably, e.g. ${SDT_SHARED_DATA}/wikitext-2/...
+    return expand_vars(text)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -334,6 +337,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.eval_interval > 0, "train.eval_interval", "must be > 0")
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
     _check(cfg.logging.log_interval > 0, "logging.log_interval", "must be > 0")
+    _check(not cfg.logging.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
+           "the wandb package is not installed: pip install 'sdt-dist[wandb]' (or set logging.wandb=false)")
 
     data = cfg.data
     _check(bool(data.prepared) or data.source is not None, "data.prepared",

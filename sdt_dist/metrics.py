@@ -1,4 +1,6 @@
-"""Metrics sinks of rank 0: `metrics.jsonl` (one JSON object per logged step) and TensorBoard scalars."""
+"""Metrics sinks of rank 0: `metrics.jsonl` (one JSON object per logged step), TensorBoard scalars and,
+optionally, Weights & Biases (imported only when enabled; the run id is kept in `<run>/wandb_run_id` so that
+a resumed job continues the same W&B run)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, wandb_project: str | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -21,20 +25,31 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb_project is not None:
+            import wandb  # optional extra: config validation has checked that it is installed
+
+            id_file = run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self._wandb = wandb.init(project=wandb_project, name=run_dir.name, id=run_id, resume="allow",
+                                     dir=str(run_dir), config=config)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
         if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

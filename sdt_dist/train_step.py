@@ -8,7 +8,8 @@
   5. EMA update of the teacher from the new student weights
   6. freezing milestones
 A step whose loss is not finite on any rank is skipped everywhere: no backward, no optimizer step, no
-EMA update.
+EMA update; so is one whose gradient is not finite (DeepSpeed finds it under ZeRO-1/2/3 and fp16, we check
+it under ZeRO-0).
 """
 
 from __future__ import annotations
@@ -75,6 +76,31 @@ def _all_finite(x: torch.Tensor) -> bool:
     return flag.item() == 0.0
 
 
+def _zero0_grads_finite(tm: SDTrainModule) -> bool:
+    """DeepSpeed checks the gradient norm under ZeRO-1/2/3 and fp16 only; ZeRO-0 would apply AdamW to a
+    non-finite gradient. Check it here: one fused norm per rank (a pass over the gradients) and one all-reduce
+    of a flag over the world, at the accumulation boundary only."""
+    if tm.engine.zero_optimization_stage() != 0:
+        return True
+    grads = [p.grad for p in tm.engine.module.parameters() if p.grad is not None]
+    local_ok = not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+    flag = torch.tensor([0.0 if local_ok else 1.0], device=grads[0].device if grads else None)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _step_without_update(engine) -> None:
+    """End the accumulation boundary as `engine.step()` does (counters, zeroed gradients) without letting the
+    optimizer touch weights or Adam state."""
+    optimizer = engine.optimizer
+    optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadows the method for this call
+    try:
+        engine.step()
+    finally:
+        del optimizer.step
+
+
 def train_step(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor]], step: int) -> StepResult:
     cfg = tm.cfg
     max_steps = cfg.train.max_steps
@@ -111,7 +137,11 @@ def _micro_batches(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor
             break
         # 4. backward; the engine applies AdamW (with clipping) at the accumulation boundary
         tm.engine.backward(terms["total"])
-        tm.engine.step()
+        if micro == len(micro_batches) - 1 and not _zero0_grads_finite(tm):
+            _step_without_update(tm.engine)
+            result.skipped = True
+        else:
+            tm.engine.step()
         for k in sums:
             sums[k] += terms[k].item() / len(micro_batches)
         dropped_any |= dropped

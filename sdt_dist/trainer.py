@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,9 @@ from sdt_dist.losses import lm_loss
 from sdt_dist.metrics import MetricsLogger
 from sdt_dist.parallel.dims import ParallelDims, device
 from sdt_dist.parallel.pipeline import batch_to_pipe
+from sdt_dist.progress import StepClock
+from sdt_dist.resume import check_config, choose_on_all_ranks
+from sdt_dist.run_lock import lock_run_dir
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import StepResult, train_step
 
@@ -67,14 +71,20 @@ def prepare_data(cfg: Config, dims: ParallelDims) -> list[str]:
 
 
 class _StopFlag:
-    """SIGTERM/SIGUSR1 (preemption, Slurm's warning before the time limit): checkpoint, then exit."""
+    """SIGTERM/SIGUSR1 (preemption, Slurm's warning before the time limit) and a first Ctrl-C (SIGINT):
+    finish the current step, checkpoint, then exit 0. A second Ctrl-C exits at once, saving nothing."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            os.write(2, b"[sdt-dist] second Ctrl-C: exiting without a checkpoint\n")
+            os._exit(128 + signal.SIGINT)
+        if signum == signal.SIGINT:
+            os.write(2, b"[sdt-dist] Ctrl-C: finishing this step and saving (Ctrl-C again to quit at once)\n")
         self.signum = signum
 
 
@@ -83,6 +93,7 @@ class Trainer:
         self.cfg, self.dims = cfg, dims
         self.run_dir = Path(cfg.train.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.run_lock = lock_run_dir(self.run_dir, dims.is_main)  # before anything is written
         prepared = prepare_data(cfg, dims)
         t = cfg.train
         self.gas = t.global_batch_size // (t.micro_batch_size * dims.dp)
@@ -100,7 +111,8 @@ class Trainer:
         gathered = teacher.full_numel() if dims.pp > 1 else teacher.largest_unit_numel()
         log0(f"EMA teacher forward gathers at most {gathered:,} values at once "
              f"({'the whole stage, for each batch' if dims.pp > 1 else 'one module at a time'}, {self.tm.dtype})")
-        self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard,
+                                     cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.to_dict())
         self.step = 0
         self.consumed = 0
         self.skipped_in_row = 0
@@ -122,13 +134,14 @@ class Trainer:
                  f"{', '.join(adopted)}, as it was trained")
 
     def resume(self) -> None:
-        path = checkpoint.resolve(self.cfg.train.resume, self.ckpt_root)
+        path = choose_on_all_ranks(self.cfg.train.resume, self.ckpt_root, self.dims.is_main, log0)
         if path is None:
             return
         meta = json.loads((path / "meta.json").read_text())
         if meta["tokenizer_sha256"] != self.tokenizer_sha:
             raise RuntimeError(f"checkpoint {path} was trained with another tokenizer "
                                f"({meta['tokenizer_sha256'][:12]} vs {self.tokenizer_sha[:12]})")
+        check_config(path, meta["config"], self.cfg.to_dict())
         extra = checkpoint.load(self.tm, path)
         self.step, self.consumed = extra["step"], extra["consumed_samples"]
         log0(f"resumed from {path} at step {self.step} ({self.consumed} samples consumed, "
@@ -194,6 +207,7 @@ class Trainer:
         dev = device()
         log0(f"training steps {self.step}..{t.max_steps} | {self.dims.describe()} | micro {t.micro_batch_size} "
              f"x grad-accum {self.gas} x DP {self.dims.dp} = global {t.global_batch_size}")
+        clock = StepClock(t.max_steps)
         while self.step < t.max_steps:
             t0 = time.perf_counter()
             batches = [{k: v.to(dev) for k, v in next(it).items()} for _ in range(self.gas)]
@@ -211,15 +225,16 @@ class Trainer:
             else:
                 self.skipped_in_row = 0
             dt = time.perf_counter() - t0
+            clock.tick(dt)
             if self.step % cfg.logging.log_interval == 0 or self.step == t.max_steps or res.skipped:
                 record = self._record(res, dt)
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     record.update(self.evaluate())
                 self.metrics.log(record)
-                log0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                for k, v in record.items() if k in (
-                                    "step", "loss", "loss_lm", "loss_kd", "loss_align", "lr", "frozen_layers",
-                                    "tokens_per_s", "val_ppl")))
+                log0(" | ".join([f"step {self.step}/{t.max_steps}"] + [
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k in (
+                        "loss", "loss_lm", "loss_kd", "loss_align", "lr", "frozen_layers", "tokens_per_s", "val_ppl")]
+                    + [clock.describe(self.step)]))
             if self.step % t.save_interval == 0 or self.step == t.max_steps:
                 self.save()
             if self._should_stop(stop):

@@ -11,3 +11,16 @@ def single_rank():
     from sdt_dist.parallel.dims import init_parallel
 
     return init_parallel(1, 1, 0)
+
+
+@pytest.fixture(scope="session")
+def owt_small(tmp_path_factory):
+    """OpenWebText-1000 prepared with a 512-token vocabulary (~6 s), for tiny real training jobs."""
+    from sdt_dist.data.prepare import prepare_corpus
+    from tests.helpers import OWT
+
+    if not OWT.is_file():
+        pytest.skip(f"{OWT} not present")
+    out = tmp_path_factory.mktemp("owt512") / "owt"
+    prepare_corpus(str(OWT), out, vocab_size=512, workers=2, progress=False)
+    return out

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from sdt_dist.config import Config, load_config
+from sdt_dist.paths import owt1000
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SDT_SHARED_DATA", REPO.parent / "shared" / "data"))
-OWT = SHARED_DATA / "openwebtext-1000" / "openwebtext-1000.jsonl.gz"
+OWT = owt1000()
 
 TINY = [
     "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "model.vocab_size=128",
@@ -67,6 +67,30 @@ def run_ranks(nproc: int, script: str, *args: str, timeout: int = 600) -> subpro
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+# A real training job small enough to start, train a few steps and save in ~10 s on one CPU rank.
+JOB = [
+    "data.source=null", "model.vocab_size=512", "model.num_layers=2", "model.hidden_size=32",
+    "model.num_attention_heads=4", "model.seq_length=32", "train.micro_batch_size=4", "train.global_batch_size=4",
+    "train.eval_samples=4", "logging.log_interval=1", "logging.tensorboard=false",
+]
+
+
+def job_cmd(out_dir: Path, prepared: Path, *overrides: str, nproc: int = 1) -> list[str]:
+    """`launchers/pretrain_owt.py` with tiny.yaml shrunk to JOB: one plain process, or the deepspeed launcher."""
+    launcher = [sys.executable] if nproc == 1 else \
+        ["deepspeed", "--num_accelerators", str(nproc), "--master_port", str(free_port())]
+    cmd = [*launcher, "launchers/pretrain_owt.py", "--config", "launchers/configs/tiny.yaml"]
+    for o in [*JOB, f"data.prepared=[{prepared}]", f"train.out_dir={out_dir}", *overrides]:
+        cmd += ["--set", o]
+    return cmd
+
+
+def run_job(out_dir: Path, prepared: Path, *overrides: str, nproc: int = 1,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(job_cmd(out_dir, prepared, *overrides, nproc=nproc), cwd=REPO, env=worker_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def read_json(path: Path) -> dict:

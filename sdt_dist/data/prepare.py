@@ -53,7 +53,8 @@ def prepare_corpus(
     if tokenizer_model is None:
         tok_dir = out / TOKENIZER_DIR
         if not trained_tokenizer_ok(tok_dir, vocab_size):
-            train_tokenizer(source, tok_dir, vocab_size=vocab_size, text_field=text_field, threads=workers)
+            train_tokenizer(source, tok_dir, vocab_size=vocab_size, text_field=text_field, threads=workers,
+                            progress=progress)
         tokenizer_model = str(tok_dir / MODEL_NAME)
     command = [
         "sdt_dist.data.prepare_corpus",

@@ -52,6 +52,7 @@ from sdt_dist.data.manifest import (
     manifest_files,
     read_manifest,
 )
+from sdt_dist.data.read_progress import ReadProgress
 from sdt_dist.data.sources import Corpus, iter_documents, resolve_corpus
 from sdt_dist.data.tokenizer import CARD_NAME, MODEL_NAME, Tokenizer, load_tokenizer
 
@@ -476,7 +477,10 @@ def _build(
 
         batches = iter_documents(corpus, start=start, file_docs=file_docs, on_file_done=file_done)
         encoder = _Encoder(workers, tok.path, dtype)
-        bar = tqdm(desc="tokenizing", unit=" docs", disable=not progress, dynamic_ncols=True)
+        # percent of the input's bytes read (local files), else a count of documents (a hub dataset)
+        reading = ReadProgress(corpus)
+        bar = tqdm(desc="tokenizing", total=reading.total, unit="B" if reading.total else " docs",
+                   unit_scale=bool(reading.total), disable=not progress, dynamic_ncols=True)
         pending: deque[tuple[np.ndarray, np.ndarray, Future[EncodedChunk]]] = deque()
         docs_done = tokens_done = 0
         run_started = time.perf_counter()
@@ -497,8 +501,9 @@ def _build(
                     new_records.append(record)
             docs_done += len(idx)
             tokens_done += len(chunk.tokens)
-            bar.update(len(idx))
-            bar.set_postfix_str(f"{tokens_done / (time.perf_counter() - run_started):,.0f} tokens/s", refresh=False)
+            bar.update(len(idx) if reading.total is None else reading.bytes_read(file_counts) - bar.n)
+            bar.set_postfix_str(f"{docs_done:,} docs, {tokens_done / (time.perf_counter() - run_started):,.0f} "
+                                f"tokens/s", refresh=False)
 
         doc = start
         try:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import sentencepiece as spm
+from tqdm import tqdm
 
 from sdt_dist.atomic import write_json_atomic
 from sdt_dist.data.errors import DataError
@@ -107,11 +109,13 @@ def check_vocab(prepared_dir: str | Path, model_vocab_size: int) -> int:
     return tok.vocab_size
 
 
-def _write_sample(corpus: Any, path: Path, limit_bytes: int) -> dict[str, int]:
+def _write_sample(corpus: Any, path: Path, limit_bytes: int, progress: bool) -> dict[str, int]:
     """Write the corpus's first ``limit_bytes`` of text, one non-blank line per line (sentencepiece's
     sentence unit), and return the sample's size."""
     docs = lines = size = 0
-    with open(path, "w", encoding="utf-8") as f:
+    bar = tqdm(desc="tokenizer sample", total=limit_bytes, unit="B", unit_scale=True, disable=not progress,
+               dynamic_ncols=True)
+    with bar, open(path, "w", encoding="utf-8") as f:
         for batch in iter_documents(corpus):
             for doc in batch:
                 doc = doc.replace(INVALID_UTF8_MARK, "\ufffd")
@@ -123,6 +127,7 @@ def _write_sample(corpus: Any, path: Path, limit_bytes: int) -> dict[str, int]:
                         f.write(line + "\n")
                         lines += 1
                         size += len(line.encode("utf-8")) + 1
+                bar.update(size - bar.n)
                 if size >= limit_bytes:
                     return {"docs": docs, "lines": lines, "bytes": size}
     return {"docs": docs, "lines": lines, "bytes": size}
@@ -139,6 +144,7 @@ def train_tokenizer(
     hf_split: str = "train",
     txt_unit: str = "paragraph",
     threads: int | None = None,
+    progress: bool = True,
 ) -> Path:
     """Train a BPE model on the first ``sample_mb`` MB of the corpus; write ``out_dir/tokenizer.model``
     and the card ``out_dir/tokenizer.json``. Returns the model path."""
@@ -152,9 +158,12 @@ def train_tokenizer(
     prefix = out / ".tokenizer-training"
     started = time.perf_counter()
     try:
-        sample = _write_sample(corpus, sample_path, int(sample_mb * 2**20))
+        sample = _write_sample(corpus, sample_path, int(sample_mb * 2**20), progress)
         if sample["docs"] == 0:
             raise DataError(f"{source}: no non-empty documents to train a tokenizer on")
+        if progress:  # sentencepiece reports nothing while it trains
+            print(f"tokenizer: training BPE (vocab {vocab_size}) on {sample['bytes'] / 2**20:.1f} MB "
+                  f"({sample['docs']:,} documents) ...", file=sys.stderr, flush=True)
         spm.SentencePieceTrainer.train(
             input=str(sample_path),
             model_prefix=str(prefix),
@@ -208,6 +217,9 @@ def train_tokenizer(
         "training_seconds": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(out / CARD_NAME, card, sort_keys=True)  # written last: its presence marks a finished tokenizer
+    if progress:
+        print(f"tokenizer: {model} ({tok.vocab_size} pieces) in {card['training_seconds']} s", file=sys.stderr,
+              flush=True)
     return model
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from sdt_dist.config import Config, with_legacy_values
 from sdt_dist.data.errors import DataError
@@ -115,8 +116,9 @@ def load_data(name: str, path: str | Path, tokenizer_path: str | Path | None, se
 @torch.no_grad()
 def evaluate_tokens(model: GPTModel, tokens: torch.Tensor, seq_length: int, *, batch_size: int = 8,
                     skip: frozenset[int] = frozenset(), n_bins: int = DEFAULT_BINS,
-                    device: torch.device | None = None) -> EvalAccumulator:
-    """Score every token of the stream but the first (windows as in the module docstring)."""
+                    device: torch.device | None = None, desc: str | None = None) -> EvalAccumulator:
+    """Score every token of the stream but the first (windows as in the module docstring); with `desc`, a
+    progress bar of that name on stderr."""
     device = device or next(model.parameters()).device
     acc = EvalAccumulator(n_bins)
     n_pred = len(tokens) - 1
@@ -126,7 +128,7 @@ def evaluate_tokens(model: GPTModel, tokens: torch.Tensor, seq_length: int, *, b
     batches = [(inputs[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, full, batch_size)]
     if n_pred > full * seq_length:
         batches.append((tokens[full * seq_length : -1][None], tokens[full * seq_length + 1 :][None]))
-    for x, y in batches:
+    for x, y in tqdm(batches, desc=desc, unit=" batches", disable=desc is None, dynamic_ncols=True):
         logits = model(x.to(device), skip=skip).logits
         acc.update(token_stats(logits, y.to(device)))
     return acc
@@ -175,7 +177,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_args: list[str], *, weights
     }
     accs = {}
     for name, data in datasets.items():
-        accs[name] = evaluate_tokens(model, data.tokens, s, batch_size=batch_size, n_bins=n_bins)
+        accs[name] = evaluate_tokens(model, data.tokens, s, batch_size=batch_size, n_bins=n_bins, desc=name)
         report["datasets"][name] = dataset_report(accs[name], data, s)
 
     prune_name = prune_data or next(iter(datasets))
@@ -185,7 +187,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_args: list[str], *, weights
     ppl = {0: accs[prune_name].perplexity}
     for k in removed[1:]:
         skip = removed_layers(model_cfg.num_layers, k)
-        ppl[k] = evaluate_tokens(model, datasets[prune_name].tokens, s, batch_size=batch_size, skip=skip).perplexity
+        ppl[k] = evaluate_tokens(model, datasets[prune_name].tokens, s, batch_size=batch_size, skip=skip,
+                                 desc=f"{prune_name}, {k} layers removed").perplexity
     report["pruning"] = {
         "dataset": prune_name, "removed": removed,
         "removed_layers": {str(k): sorted(removed_layers(model_cfg.num_layers, k)) for k in removed},

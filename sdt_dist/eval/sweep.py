@@ -40,6 +40,7 @@ import yaml
 
 from sdt_dist.atomic import write_json_atomic, write_text_atomic
 from sdt_dist.config import Config, ConfigError, load_config
+from sdt_dist.paths import expand_vars
 
 DEFAULT_LAUNCHER = "{python} -m torch.distributed.run --standalone --nproc_per_node {nproc}"
 TRAIN_SCRIPT = str(Path(__file__).resolve().parents[2] / "launchers" / "pretrain_owt.py")
@@ -83,9 +84,8 @@ class SweepSpec:
 
 
 def _expand(value: Any) -> Any:
-    os.environ.setdefault("SDT_SHARED_DATA", str(Path(__file__).resolve().parents[3] / "shared" / "data"))
     if isinstance(value, str):
-        return os.path.expandvars(value)
+        return expand_vars(value)
     if isinstance(value, list):
         return [_expand(v) for v in value]
     return value

@@ -44,7 +44,8 @@ def build_ds_config(cfg: Config, dp: int) -> dict[str, Any]:
                               f"({value}); use \"auto\" or remove it")
         base[key] = value
     zero = base.setdefault("zero_optimization", {})
-    if zero.get("stage", cfg.parallel.zero_stage) != cfg.parallel.zero_stage:
+    # the stage is parallel.zero_stage's alone; a JSON may say "auto" (or nothing), or agree with it
+    if zero.get("stage", "auto") not in ("auto", cfg.parallel.zero_stage):
         raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} disagrees with "
                           f"{cfg.parallel.ds_config} (stage {zero['stage']})")
     zero["stage"] = cfg.parallel.zero_stage

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from sdt_dist.data.shards import BuildReport, build_shards
 from sdt_dist.data.tokenizer import train_tokenizer
+from sdt_dist.paths import owt1000, shared_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("SDT_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = shared_data_dir()
 TEST_VOCAB = 4096  # small: trains in a second; still a real BPE with byte fallback
 DOCS_PER_SHARD = 100  # ~10 train shards from 1000 documents, so blending and resume see several
 
@@ -28,7 +28,10 @@ def shared_file(relative: str) -> Path:
 
 @pytest.fixture(scope="session")
 def owt_path() -> Path:
-    return shared_file("openwebtext-1000/openwebtext-1000.jsonl.gz")
+    path = owt1000()  # shipped in data/: present unless SDT_SHARED_DATA names a folder without it
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return path
 
 
 @pytest.fixture(scope="session")

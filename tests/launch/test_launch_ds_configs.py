@@ -1,13 +1,14 @@
 """Every DeepSpeed JSON in ds_configs/ parses with DeepSpeed's own config parser and trains steps on 2 ranks.
 
-Files that name a ZeRO stage are used with that stage; precision-only files (bf16.json, fp16.json) are
-combined with every stage, as `--set parallel.zero_stage=N` does.
+The stage comes from `parallel.zero_stage` alone (the files say "auto"); `zeroN*.json` holds the details
+meant for stage N and is used with it, precision-only files (bf16.json, fp16.json) with every stage.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,8 @@ def _raw(path: Path) -> dict[str, Any]:
 
 
 def _stages(path: Path) -> list[int]:
-    stage = _raw(path).get("zero_optimization", {}).get("stage")
-    return [stage] if stage is not None else [0, 1, 2, 3]
+    named = re.match(r"zero(\d)", path.name)
+    return [int(named.group(1))] if named else [0, 1, 2, 3]
 
 
 def _wants_offload(raw: dict[str, Any]) -> bool:
@@ -53,6 +54,8 @@ def test_batch_sizes_are_derived_and_the_optimizer_is_ours(path: Path) -> None:
         assert raw.get(key, "auto") == "auto", f"{path.name}: {key} must be \"auto\" (or absent)"
     assert "optimizer" not in raw and "scheduler" not in raw, f"{path.name}: sdt-dist owns optimizer/scheduler"
     assert "gradient_clipping" not in raw, f"{path.name}: clipping comes from train.grad_clip"
+    assert raw.get("zero_optimization", {}).get("stage", "auto") == "auto", \
+        f"{path.name}: the ZeRO stage comes from parallel.zero_stage"
 
 
 @pytest.mark.parametrize(("path", "stage"), SPECS, ids=SPEC_IDS)

@@ -1,0 +1,46 @@
+"""The ZeRO stage has one source of truth, `parallel.zero_stage`: the shipped JSONs hold none."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sdt_dist.config import ConfigError, load_config
+from sdt_dist.parallel.engine import build_ds_config
+from tests.helpers import REPO, TINY, random_batch
+
+TINY_YAML = REPO / "launchers" / "configs" / "tiny.yaml"
+
+
+def test_tiny_yaml_with_zero_stage_3_builds_a_stage_3_deepspeed_config():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = load_config(TINY_YAML, ["parallel.zero_stage=3"])
+    parsed = DeepSpeedConfig(build_ds_config(cfg, dp=1))  # one rank: this process
+    assert parsed.zero_optimization_stage == 3
+    assert parsed.train_batch_size == cfg.train.global_batch_size
+
+
+def test_a_json_that_names_another_stage_is_refused(tmp_path):
+    path = tmp_path / "zero1_fixed.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    cfg = load_config(TINY_YAML, [f"parallel.ds_config={path}", "parallel.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage=3 disagrees with .*zero1_fixed.json \(stage 1\)"):
+        build_ds_config(cfg, dp=1)
+    agreeing = load_config(TINY_YAML, [f"parallel.ds_config={path}", "parallel.zero_stage=1"])
+    assert build_ds_config(agreeing, dp=1)["zero_optimization"]["stage"] == 1
+
+
+def test_tiny_yaml_trains_two_steps_under_zero_3(single_rank):
+    from sdt_dist.train_module import SDTrainModule
+    from sdt_dist.train_step import train_step
+
+    cfg = load_config(TINY_YAML, [o for o in TINY if not o.startswith("parallel.ds_config")]
+                      + ["parallel.zero_stage=3"])
+    assert cfg.parallel.ds_config == "ds_configs/zero1.json"
+    tm = SDTrainModule(cfg, single_rank)
+    assert tm.engine.zero_optimization_stage() == 3
+    losses = [train_step(tm, [random_batch(cfg, s)], s) for s in range(2)]
+    assert all(not r.skipped and math.isfinite(r.loss) for r in losses)

@@ -2,7 +2,8 @@
 
 Layout under `<run>/checkpoints/`:
   step_00000120/            one complete checkpoint
-    <DeepSpeed files>       student + predictors + optimizer (any ZeRO stage, per-rank partitions)
+    <DeepSpeed files>       student + predictors + optimizer (any ZeRO stage, per-rank partitions); its
+                            zero_to_fp32.py / zero_to_torch.py replaced by scripts that refuse and point at export/
     rank_00000.pt ...       per rank: teacher shard, RNG states, step, consumed samples, frozen layers
     export/                 full student and teacher weights (safetensors), loadable at any layout
     meta.json               config, tokenizer hash, world layout (written last, by rank 0)
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from sdt_dist.atomic import write_json_atomic, write_text_atomic
+from sdt_dist.consolidation_guard import replace_consolidation_scripts
 from sdt_dist.export import export
 from sdt_dist.faults import maybe_die
 from sdt_dist.train_module import SDTrainModule
@@ -67,6 +69,7 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     maybe_die("save", step)
     dist.barrier()
     if rank == 0:
+        replace_consolidation_scripts(ckpt_root / tmp_tag)  # DeepSpeed's would miss the frozen parameters
         export(ckpt_root / tmp_tag / "export", tm.cfg.model, student, teacher)
         write_json_atomic(ckpt_root / tmp_tag / "meta.json", meta, sort_keys=True)
         final = ckpt_root / tag

@@ -2,12 +2,13 @@
 
 Layout under `<run>/checkpoints/`:
   step_00000120/            one complete checkpoint
-    <DeepSpeed files>       student + predictors + optimizer (any ZeRO stage, per-rank partitions); its
-                            zero_to_fp32.py / zero_to_torch.py replaced by scripts that refuse and point at export/
+    <DeepSpeed files>       student + predictors + optimizer (any ZeRO stage, per-rank partitions)
     rank_00000.pt ...       per rank: teacher shard, RNG states, step, consumed samples, frozen layers
     export/                 full student and teacher weights (safetensors), loadable at any layout
     meta.json               config, tokenizer hash, world layout (written last, by rank 0)
   latest                    the tag of the newest complete checkpoint (replaced atomically)
+  zero_to_fp32.py, zero_to_torch.py   DeepSpeed's consolidation scripts, replaced by ones that refuse and
+                            point at export/ (DeepSpeed's would silently drop the frozen parameters)
 A checkpoint is written under `.tmp-<tag>` and renamed only after every rank has finished, so a crash
 while saving leaves the previous one intact and `latest` never points at a partial directory.
 Per-rank state goes in per-rank files: under ZeRO-1/2 DeepSpeed's client_state is kept from rank 0 only.
@@ -69,7 +70,9 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     maybe_die("save", step)
     dist.barrier()
     if rank == 0:
-        replace_consolidation_scripts(ckpt_root / tmp_tag)  # DeepSpeed's would miss the frozen parameters
+        # DeepSpeed 0.19 copies them next to the tags (into ckpt_root) at every save; they would miss frozen params
+        replace_consolidation_scripts(ckpt_root)
+        replace_consolidation_scripts(ckpt_root / tmp_tag)
         export(ckpt_root / tmp_tag / "export", tm.cfg.model, student, teacher)
         write_json_atomic(ckpt_root / tmp_tag / "meta.json", meta, sort_keys=True)
         final = ckpt_root / tag

@@ -1,6 +1,7 @@
 """Replace DeepSpeed's consolidation scripts in each checkpoint folder with ones that refuse.
 
-DeepSpeed copies `zero_to_fp32.py` and `zero_to_torch.py` into every ZeRO checkpoint. They rebuild the model
+DeepSpeed copies `zero_to_fp32.py` and `zero_to_torch.py` next to every ZeRO checkpoint it saves (0.19.8: into
+the directory holding the tags, `<run>/checkpoints/`). They rebuild the model
 from the optimizer's partitions, so after progressive freezing (frozen parameters leave the optimizer) they
 return a model without the embedding and the frozen layers, and say nothing. The complete weights are in the
 checkpoint's `export/`; the scripts left in their place exit 1 and point there.
@@ -20,9 +21,9 @@ import sys
 sys.exit(
     "{name}: not for sdt-dist checkpoints. DeepSpeed rebuilds the model from the optimizer state, which no "
     "longer holds the parameters progressive freezing removed (the embedding and the frozen layers), so the "
-    "result would be incomplete. The complete weights are in export/ next to this script "
-    "(student.safetensors, teacher.safetensors, model_config.json); for a Hugging Face folder run "
-    "`sdt-export-hf <this checkpoint folder> OUT`."
+    "result would be incomplete. The complete weights are in export/ inside each checkpoint "
+    "(student.safetensors, teacher.safetensors, model_config.json); for a Hugging Face "
+    "folder run `sdt-export-hf <run or checkpoint folder> OUT`."
 )
 '''
 

@@ -38,7 +38,8 @@ def train_main(argv: list[str] | None = None) -> None:
         world = _world_size_from_env()
         if world is not None:  # the layout is checked before any process group exists
             check_layout(cfg, world)
-            check_resume_layout(cfg, world)
+        if not args.print_config:  # no launcher: init_distributed starts a one-process world
+            check_resume_layout(cfg, world or 1)
     except ConfigError as e:
         print(f"[sdt-dist] config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -9,7 +9,10 @@ converts the same way, without torch.distributed.
 The tokenizer is built from our sentencepiece model by transformers' SentencePiece converter (it follows the
 model's own normalizer: identity, no dummy prefix, byte fallback, "\\n" a piece of its own) and written with
 `save_pretrained`. The sentencepiece model is kept next to it as `sdt_tokenizer.model`, so that
-`sdt-generate` reads the folder without transformers.
+`sdt-generate` reads the folder without transformers. Two differences remain, both outside ordinary text:
+`encode` reads the literal text "<|endoftext|>" as the end-of-document token (sentencepiece spells it out), and
+`decode` turns a run of byte-fallback tokens that is not valid UTF-8 into one U+FFFD per token (sentencepiece
+keeps the valid bytes of the run).
 """
 
 from __future__ import annotations

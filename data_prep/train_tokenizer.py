@@ -2,7 +2,7 @@
 
     python data_prep/train_tokenizer.py --input SRC --vocab-size 50000 --out DIR
 
-writes DIR/tokenizer.model and the card DIR/tokenizer.json (vocab size, special ids, sample size, sha256).
+writes DIR/tokenizer.model and the card DIR/sdt_tokenizer.json (vocab size, special ids, sample size, sha256).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sdt_dist.data.errors import DataError
-    from sdt_dist.data.tokenizer import load_tokenizer, train_tokenizer
+    from sdt_dist.data.tokenizer import CARD_NAME, load_tokenizer, train_tokenizer
 
     started = time.perf_counter()
     try:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(model)
     print(
         f"{model}: vocab {tok.vocab_size}, eod {tok.eod}, pad {tok.pad}, sha256 {tok.sha256[:16]}...; "
-        f"card {model.with_name('tokenizer.json')}; {time.perf_counter() - started:.1f}s"
+        f"card {model.with_name(CARD_NAME)}; {time.perf_counter() - started:.1f}s"
     )
     return 0
 

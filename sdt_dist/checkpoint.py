@@ -8,6 +8,8 @@ Layout under `<run>/checkpoints/`:
     meta.json               config, tokenizer hash, world layout, size + sha256 of every other file
                             (written last, by rank 0; `integrity.py` verifies them on resume)
   latest                    the tag of the newest complete checkpoint (replaced atomically)
+  zero_to_fp32.py, zero_to_torch.py   DeepSpeed's consolidation scripts, replaced by ones that refuse and
+                            point at export/ (DeepSpeed's would silently drop the frozen parameters)
 A checkpoint is written under `.tmp-<tag>` and renamed only after every rank has finished, so a crash
 while saving leaves the previous one intact and `latest` never points at a partial directory.
 Per-rank state goes in per-rank files: under ZeRO-1/2 DeepSpeed's client_state is kept from rank 0 only.
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from sdt_dist.atomic import write_json_atomic, write_text_atomic
+from sdt_dist.consolidation_guard import replace_consolidation_scripts
 from sdt_dist.export import export
 from sdt_dist.faults import maybe_die
 from sdt_dist.integrity import file_digests
@@ -69,6 +72,9 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     maybe_die("save", step)
     dist.barrier()
     if rank == 0:
+        # DeepSpeed 0.19 copies them next to the tags (into ckpt_root) at every save; they would miss frozen params
+        replace_consolidation_scripts(ckpt_root)
+        replace_consolidation_scripts(ckpt_root / tmp_tag)
         export(ckpt_root / tmp_tag / "export", tm.cfg.model, student, teacher)
         # every rank's files are complete (barrier above): record their checksums for the resume to verify
         meta = {**meta, "files": file_digests(ckpt_root / tmp_tag)}

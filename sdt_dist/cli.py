@@ -9,6 +9,7 @@ import sys
 import yaml
 
 from sdt_dist.config import ConfigError, check_layout, load_config
+from sdt_dist.resume_layout import check_resume_layout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,8 @@ def train_main(argv: list[str] | None = None) -> None:
         world = _world_size_from_env()
         if world is not None:  # the layout is checked before any process group exists
             check_layout(cfg, world)
+        if not args.print_config:  # no launcher: init_distributed starts a one-process world
+            check_resume_layout(cfg, world or 1)
     except ConfigError as e:
         print(f"[sdt-dist] config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -100,6 +100,9 @@ class TrainConfig:
     save_interval: int = 500
     keep_checkpoints: int = 3
     resume: str = "auto"  # auto | none | path of a checkpoint dir
+    # weights only (continued pretraining): an export, checkpoint, run dir or `sdt-export-hf` folder; a run with
+    # checkpoints of its own resumes from them instead
+    init_from: str | None = None
     eval_interval: int = 100
     eval_samples: int = 64
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
@@ -336,6 +339,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.eval_interval > 0, "train.eval_interval", "must be > 0")
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
+    if t.init_from is not None:
+        from sdt_dist.init_from import check_compatible
+
+        check_compatible(t.init_from, m)
     _check(cfg.logging.log_interval > 0, "logging.log_interval", "must be > 0")
     _check(not cfg.logging.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
            "the wandb package is not installed: pip install 'sdt-dist[wandb]' (or set logging.wandb=false)")

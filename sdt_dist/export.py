@@ -2,13 +2,15 @@
 
 A checkpoint is tied to its parallel layout (ZeRO partitions, TP shards); an export is not. Evaluation,
 pruning studies and downstream use load an export on any number of ranks (TP = 1 by default).
-Files: `<dir>/student.safetensors`, `<dir>/teacher.safetensors`, `<dir>/model_config.json`.
+Files: `<dir>/student.safetensors`, `<dir>/teacher.safetensors`, `<dir>/model_config.json`, all mode 0644
+(safetensors writes 0600; clusters share run folders). `sdt-export-hf` turns an export into a Hugging Face folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -58,6 +60,48 @@ def export(out_dir: Path, model_cfg: ModelConfig, student: dict[str, torch.Tenso
     if teacher is not None:
         save_file(teacher, str(out_dir / "teacher.safetensors"))
     (out_dir / "model_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
+    for f in out_dir.iterdir():
+        os.chmod(f, 0o644)
+
+
+def locate_export(path: str | Path) -> Path:
+    """`path` as an export directory: an export itself, a checkpoint (`<ckpt>/export`) or a run directory (the
+    checkpoint `checkpoints/latest` names)."""
+    path = Path(path)
+    latest = path / "checkpoints" / "latest"
+    candidates = [path, path / "export"]
+    if latest.is_file():
+        candidates.append(path / "checkpoints" / latest.read_text().strip() / "export")
+    for c in candidates:
+        if (c / "model_config.json").is_file():
+            return c
+    raise FileNotFoundError(f"{path}: neither an sdt-dist export, a checkpoint nor a run directory with one "
+                            f"(no model_config.json in {', '.join(str(c) for c in candidates)})")
+
+
+def read_model_config(export_dir: Path) -> ModelConfig:
+    return ModelConfig(**json.loads((Path(export_dir) / "model_config.json").read_text()))
+
+
+def checkpoint_tokenizer(export_dir: Path) -> Path:
+    """The sentencepiece model the checkpoint around `export_dir` was trained with: from its `meta.json`
+    (`data.tokenizer`, else the first prepared directory's), checked against the recorded sha256."""
+    from sdt_dist.data.tokenizer import load_tokenizer
+
+    meta_file = Path(export_dir).parent / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{export_dir} is not inside a checkpoint (no {meta_file}): name the tokenizer")
+    meta = json.loads(meta_file.read_text())
+    data = meta["config"]["data"]
+    source = data.get("tokenizer") or (data.get("prepared") or [None])[0]
+    if source is None or not Path(source).exists():
+        raise FileNotFoundError(f"the tokenizer this checkpoint was trained with ({source}, from {meta_file}) is "
+                                f"not found from {Path.cwd()}: name it")
+    tok = load_tokenizer(source)
+    if tok.sha256 != meta["tokenizer_sha256"]:
+        raise ValueError(f"{tok.path} is not the tokenizer {meta_file} records (sha256 {tok.sha256[:12]} vs "
+                         f"{meta['tokenizer_sha256'][:12]})")
+    return tok.path
 
 
 def load_export(path: Path, which: str = "student", parallel: ParallelConfig | None = None,
@@ -66,10 +110,9 @@ def load_export(path: Path, which: str = "student", parallel: ParallelConfig | N
 
     Needs megatron's parallel state initialized (`sdt_dist.parallel.dims.init_parallel(1, 1, 0)`)."""
     path = Path(path)
-    cfg_file = path / "model_config.json"
-    if not cfg_file.is_file():
+    if not (path / "model_config.json").is_file():
         raise FileNotFoundError(f"{path} is not an sdt-dist export (no model_config.json)")
-    model_cfg = ModelConfig(**json.loads(cfg_file.read_text()))
+    model_cfg = read_model_config(path)
     parallel = parallel or ParallelConfig(tensor=1, pipeline=1, zero_stage=0)
     if parallel.tensor != 1:
         raise ValueError("load_export builds a TP=1 model; shard the state yourself for TP > 1")

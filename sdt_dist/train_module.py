@@ -10,6 +10,7 @@ from megatron.core import parallel_state as ps
 from sdt_dist.config import Config
 from sdt_dist.export import gather_full_state
 from sdt_dist.freezing import frozen_parameters, restore_optimizer_state, snapshot_optimizer_state
+from sdt_dist.init_from import load_initial_weights
 from sdt_dist.layerdrop import layer_probs
 from sdt_dist.model import GPTModel, student_layer_specs, teacher_layer_specs, transformer_config
 from sdt_dist.model.student import Student
@@ -48,6 +49,8 @@ class SDTrainModule:
         with model_init_context(self.ds_config, dims):
             gpt = GPTModel(tconf, student_layer_specs(self.drop_probs), m.vocab_size, m.tie_embeddings, m.rope_base)
             predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std)
+        if cfg.train.init_from is not None:  # before the engine copies the weights and the teacher takes them
+            load_initial_weights(gpt, cfg.train.init_from, m, dims.tp_group if dims.tp > 1 else None)
         if cfg.parallel.sequence_parallel:
             # predictors see this rank's slice of the sequence; their gradients, like the LayerNorms' and
             # the row-parallel biases', are summed over the TP group

@@ -54,7 +54,7 @@ from sdt_dist.data.manifest import (
 )
 from sdt_dist.data.read_progress import ReadProgress
 from sdt_dist.data.sources import Corpus, iter_documents, resolve_corpus
-from sdt_dist.data.tokenizer import CARD_NAME, MODEL_NAME, Tokenizer, load_tokenizer
+from sdt_dist.data.tokenizer import CARD_NAME, MODEL_NAME, Tokenizer, card_path, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +309,9 @@ def _copy_tokenizer(tok: Tokenizer, out: Path) -> Path:
     tok_dir.mkdir(exist_ok=True)
     target = tok_dir / MODEL_NAME
     if target.resolve() != tok.path.resolve():
-        for src, dst in ((tok.path, target), (tok.path.parent / CARD_NAME, tok_dir / CARD_NAME)):
-            if src.is_file():
+        # an old card (`tokenizer.json`) is copied in under the current name
+        for src, dst in ((tok.path, target), (card_path(tok.path.parent), tok_dir / CARD_NAME)):
+            if src is not None:
                 shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
                 os.replace(dst.with_name(dst.name + ".tmp"), dst)
     return target

@@ -26,7 +26,10 @@ from sdt_dist.data.manifest import MANIFEST_NAME, file_sha256, read_manifest
 from sdt_dist.data.sources import INVALID_UTF8_MARK, iter_documents, resolve_corpus
 
 MODEL_NAME = "tokenizer.model"
-CARD_NAME = "tokenizer.json"
+# Not `tokenizer.json`: Hugging Face reserves that name for its fast-tokenizer file, and AutoTokenizer fails on
+# any other JSON found under it. Directories prepared before the rename carry the card under the old name.
+CARD_NAME = "sdt_tokenizer.json"
+LEGACY_CARD_NAME = "tokenizer.json"
 CARD_FORMAT = "sdt-dist-tokenizer/1"
 EOD_PIECE = "<|endoftext|>"
 # 256 byte pieces + 3 specials + "\n" must fit, with room for real merges.
@@ -147,7 +150,7 @@ def train_tokenizer(
     progress: bool = True,
 ) -> Path:
     """Train a BPE model on the first ``sample_mb`` MB of the corpus; write ``out_dir/tokenizer.model``
-    and the card ``out_dir/tokenizer.json``. Returns the model path."""
+    and the card ``out_dir/sdt_tokenizer.json``. Returns the model path."""
     if vocab_size < MIN_VOCAB:
         raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 260 pieces")
     corpus = resolve_corpus(source, text_field=text_field, hf_config=hf_config, hf_split=hf_split,
@@ -223,10 +226,25 @@ def train_tokenizer(
     return model
 
 
+def card_path(tokenizer_dir: str | Path) -> Path | None:
+    """The tokenizer card in ``tokenizer_dir``: ``sdt_tokenizer.json``, else a ``tokenizer.json`` written by an
+    older sdt-dist (recognised by its format field, so a Hugging Face file of that name is never taken for it)."""
+    current, legacy = Path(tokenizer_dir) / CARD_NAME, Path(tokenizer_dir) / LEGACY_CARD_NAME
+    if current.is_file():
+        return current
+    if legacy.is_file():
+        try:
+            if json.loads(legacy.read_text(encoding="utf-8")).get("format") == CARD_FORMAT:
+                return legacy
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            pass
+    return None
+
+
 def trained_tokenizer_ok(out_dir: str | Path, vocab_size: int) -> bool:
     """Whether ``out_dir`` holds a finished tokenizer of this vocab size (card present and matching)."""
-    card_path, model = Path(out_dir) / CARD_NAME, Path(out_dir) / MODEL_NAME
-    if not (card_path.is_file() and model.is_file()):
+    card, model = card_path(out_dir), Path(out_dir) / MODEL_NAME
+    if card is None or not model.is_file():
         return False
-    card = json.loads(card_path.read_text(encoding="utf-8"))
-    return card.get("vocab_size") == vocab_size and card.get("sha256") == file_sha256(model)
+    data = json.loads(card.read_text(encoding="utf-8"))
+    return data.get("vocab_size") == vocab_size and data.get("sha256") == file_sha256(model)

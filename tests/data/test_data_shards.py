@@ -300,7 +300,7 @@ def test_prepare_corpus_trains_builds_and_then_returns_at_once(owt_path: Path, t
     out = prepare_corpus(str(owt_path), tmp_path / "p", vocab_size=1024, workers=0, progress=False)
     manifest = verify_prepared(out)
     assert manifest["tokenizer"]["vocab_size"] == 1024
-    card = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    card = json.loads((out / "tokenizer" / "sdt_tokenizer.json").read_text())
     assert card["sha256"] == manifest["tokenizer"]["sha256"]
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert prepare_corpus(str(owt_path), out, vocab_size=1024, progress=False) == out

@@ -14,7 +14,7 @@ from sdt_dist.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
 
 def test_card_describes_the_model(tokenizer_model: Path, small_vocab: int) -> None:
-    card = json.loads(tokenizer_model.with_name("tokenizer.json").read_text())
+    card = json.loads(tokenizer_model.with_name("sdt_tokenizer.json").read_text())
     tok = load_tokenizer(tokenizer_model)
     assert card["vocab_size"] == tok.vocab_size == small_vocab
     assert card["sha256"] == file_sha256(tokenizer_model) == tok.sha256
@@ -53,3 +53,24 @@ def test_prepared_dir_refuses_a_swapped_tokenizer(prepared, tmp_path: Path, owt_
     shutil.copyfile(other, copy / "tokenizer" / "tokenizer.model")
     with pytest.raises(DataError, match="tokenized by another tokenizer"):
         load_tokenizer(copy)
+
+
+def test_a_card_under_the_old_name_still_counts_and_is_copied_in_under_the_new(tokenizer_model: Path,
+                                                                              small_vocab: int,
+                                                                              tmp_path: Path) -> None:
+    from sdt_dist.data.shards import _copy_tokenizer
+    from sdt_dist.data.tokenizer import CARD_NAME, card_path, trained_tokenizer_ok
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(tokenizer_model, old / "tokenizer.model")
+    shutil.copy(tokenizer_model.with_name(CARD_NAME), old / "tokenizer.json")  # a directory from before the rename
+    assert card_path(old) == old / "tokenizer.json" and trained_tokenizer_ok(old, small_vocab)
+    copied = tmp_path / "prepared"
+    copied.mkdir()
+    _copy_tokenizer(load_tokenizer(old), copied)
+    assert (copied / "tokenizer" / CARD_NAME).read_bytes() == (old / "tokenizer.json").read_bytes()
+    assert not (copied / "tokenizer" / "tokenizer.json").exists()
+    # a Hugging Face tokenizer.json is not our card: the tokenizer counts as unfinished (retrained), not misread
+    (old / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [], "model": {}}))
+    assert card_path(old) is None and not trained_tokenizer_ok(old, small_vocab)

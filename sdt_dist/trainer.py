@@ -88,6 +88,16 @@ class _StopFlag:
         self.signum = signum
 
 
+def adopt_checkpoint_legacy_values(cfg: Config, path: Path | None) -> None:
+    """A checkpoint from before a config key existed resumes with the behaviour it was trained with."""
+    if path is None:
+        return
+    adopted = adopt_legacy_values(cfg, json.loads((path / "meta.json").read_text())["config"])
+    if adopted:
+        log0(f"checkpoint {path} predates {', '.join(a.split('=')[0] for a in adopted)}: resuming with "
+             f"{', '.join(adopted)}, as it was trained")
+
+
 class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims) -> None:
         self.cfg, self.dims = cfg, dims
@@ -102,7 +112,9 @@ class Trainer:
             num_train_samples=t.max_steps * t.global_batch_size,
             num_valid_samples=max(t.eval_samples, t.micro_batch_size * dims.dp))
         self.tokenizer_sha = load_tokenizer(prepared[0]).sha256
-        self._adopt_checkpoint_legacy_values()
+        # the checkpoint to resume is chosen (and verified) once, before the model: its config may predate keys
+        self.resume_from = choose_on_all_ranks(cfg.train.resume, self.ckpt_root, dims.is_main, log0)
+        adopt_checkpoint_legacy_values(cfg, self.resume_from)
         self.tm = SDTrainModule(cfg, dims)
         teacher = self.tm.teacher
         log0(f"EMA teacher storage per rank: {teacher.local_numel():,} fp32 values "
@@ -123,18 +135,8 @@ class Trainer:
                 "tokenizer_sha256": self.tokenizer_sha, "world_size": self.dims.world_size,
                 "layout": self.dims.describe(), "step": self.step, "consumed_samples": self.consumed}
 
-    def _adopt_checkpoint_legacy_values(self) -> None:
-        """A checkpoint from before a config key existed resumes with the behaviour it was trained with."""
-        path = checkpoint.resolve(self.cfg.train.resume, self.ckpt_root)
-        if path is None:
-            return
-        adopted = adopt_legacy_values(self.cfg, json.loads((path / "meta.json").read_text())["config"])
-        if adopted:
-            log0(f"checkpoint {path} predates {', '.join(a.split('=')[0] for a in adopted)}: resuming with "
-                 f"{', '.join(adopted)}, as it was trained")
-
     def resume(self) -> None:
-        path = choose_on_all_ranks(self.cfg.train.resume, self.ckpt_root, self.dims.is_main, log0)
+        path = self.resume_from
         if path is None:
             return
         meta = json.loads((path / "meta.json").read_text())

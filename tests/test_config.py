@@ -67,10 +67,9 @@ def test_checkpoints_that_predate_align_reduce_and_freeze_embedding_keep_their_b
     """A recorded config without the keys means the behaviour it was trained with (sum, embedding frozen), for
     evaluation (run_config) and for a resume (the trainer adopts them before building the model)."""
     import json
-    from types import SimpleNamespace
 
     from sdt_dist.eval.evaluate import run_config
-    from sdt_dist.trainer import Trainer
+    from sdt_dist.trainer import adopt_checkpoint_legacy_values
 
     new = load_config(None, TINY)
     assert (new.distill.align_reduce, new.distill.freeze_embedding) == ("mean", False)  # today's defaults
@@ -83,12 +82,12 @@ def test_checkpoints_that_predate_align_reduce_and_freeze_embedding_keep_their_b
     ckpt = tmp_path / "checkpoints" / "step_00000010"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text(json.dumps({"config": old}))
-    resuming = SimpleNamespace(cfg=load_config(None, TINY + ["train.resume=auto"]), ckpt_root=tmp_path / "checkpoints")
-    Trainer._adopt_checkpoint_legacy_values(resuming)
-    assert (resuming.cfg.distill.align_reduce, resuming.cfg.distill.freeze_embedding) == ("sum", True)
+    resuming = load_config(None, TINY + ["train.resume=auto"])
+    adopt_checkpoint_legacy_values(resuming, ckpt)
+    assert (resuming.distill.align_reduce, resuming.distill.freeze_embedding) == ("sum", True)
     (ckpt / "meta.json").write_text(json.dumps({"config": new.to_dict()}))  # a current checkpoint: nothing adopted
-    current = SimpleNamespace(cfg=load_config(None, TINY), ckpt_root=tmp_path / "checkpoints")
-    Trainer._adopt_checkpoint_legacy_values(current)
-    assert (current.cfg.distill.align_reduce, current.cfg.distill.freeze_embedding) == ("mean", False)
+    current = load_config(None, TINY)
+    adopt_checkpoint_legacy_values(current, ckpt)
+    assert (current.distill.align_reduce, current.distill.freeze_embedding) == ("mean", False)
     with pytest.raises(ConfigError, match="distill.align_reduce"):
         load_config(None, TINY + ["distill.align_reduce=max"])

@@ -29,6 +29,7 @@ from sdt_dist.losses import lm_loss
 from sdt_dist.metrics import MetricsLogger
 from sdt_dist.parallel.dims import ParallelDims, device
 from sdt_dist.parallel.pipeline import batch_to_pipe
+from sdt_dist.plan.measure import PlanCheck
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import StepResult, train_step
 
@@ -91,6 +92,7 @@ class Trainer:
             num_train_samples=t.max_steps * t.global_batch_size,
             num_valid_samples=max(t.eval_samples, t.micro_batch_size * dims.dp))
         self.tokenizer_sha = load_tokenizer(prepared[0]).sha256
+        self.plan_check = PlanCheck(cfg, dims, log0)  # logs the memory plan; checked after the first step
         self.tm = SDTrainModule(cfg, dims)
         teacher = self.tm.teacher
         log0(f"EMA teacher storage per rank: {teacher.local_numel():,} fp32 values "
@@ -187,6 +189,7 @@ class Trainer:
             t0 = time.perf_counter()
             batches = [{k: v.to(dev) for k, v in next(it).items()} for _ in range(self.gas)]
             res = train_step(self.tm, batches, self.step)
+            self.plan_check.after_step(self.tm)
             self.step += 1
             self.consumed = it.consumed_samples
             maybe_die("step", self.step)

@@ -4,24 +4,32 @@ The skip decisions of a micro-step are a pure function of (seed, step, micro-ste
 tensor-parallel group and every pipeline stage draws the same decisions without communicating, and a
 resumed run draws exactly what the uninterrupted run would have. A skipped layer is the identity and
 produces no hidden state, hence no alignment term. The teacher's spec sets p = 0.
+
+`recompute="full"` checkpoints the layer (torch's non-reentrant checkpoint, which replays the RNG state, so
+dropout masks are identical on recompute): only its input is kept for backward. A skipped layer and the
+frozen prefix (run without autograd) have nothing to recompute and are not checkpointed.
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch.utils.checkpoint import checkpoint
 
 
 class LayerDropTransformerLayer(TransformerLayer):
     """A megatron-core `TransformerLayer` that can be skipped; `drop_prob` is its LayerDrop rate."""
 
-    def __init__(self, *args, drop_prob: float = 0.0, **kwargs) -> None:
+    def __init__(self, *args, drop_prob: float = 0.0, recompute: str = "none", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.drop_prob = drop_prob
+        self.recompute_full = recompute == "full"
 
     def forward(self, hidden_states: torch.Tensor, *args, skip: bool = False, **kwargs):
         if skip:
             return hidden_states, None
+        if self.recompute_full and torch.is_grad_enabled():
+            return checkpoint(super().forward, hidden_states, *args, use_reentrant=False, **kwargs)
         return super().forward(hidden_states, *args, **kwargs)
 
 

@@ -40,7 +40,8 @@ class SDTrainModule:
         # Same seed on every rank: identical master weights, split by TP and partitioned by ZeRO.
         torch.manual_seed(cfg.train.seed)
         with model_init_context(self.ds_config, dims):
-            gpt = GPTModel(tconf, student_layer_specs(self.drop_probs), m.vocab_size, m.tie_embeddings, m.rope_base)
+            gpt = GPTModel(tconf, student_layer_specs(self.drop_probs, m.recompute), m.vocab_size, m.tie_embeddings,
+                           m.rope_base)
             predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std)
         if cfg.parallel.sequence_parallel:
             # predictors see this rank's slice of the sequence; their gradients, like the LayerNorms' and

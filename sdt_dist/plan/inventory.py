@@ -40,7 +40,7 @@ class ParamInfo:
 
 
 @contextlib.contextmanager
-def _megatron_groups() -> Iterator[int]:
+def megatron_groups() -> Iterator[int]:
     """megatron-core's layers read its parallel state at construction. Inside a run it is there (any TP
     size: the caller gets it back); in the planner a one-process group stands in, and is removed after."""
     if ps.model_parallel_is_initialized():
@@ -70,7 +70,7 @@ def _unit(name: str) -> tuple[str, int]:
 def parameter_inventory(cfg: Config) -> list[ParamInfo]:
     """Student GPT then predictors, in the trainer's parameter order, with whole (TP = 1) sizes."""
     m = cfg.model
-    with _megatron_groups() as built_tp:
+    with megatron_groups() as built_tp:
         parallel = dataclasses.replace(cfg.parallel, tensor=built_tp, pipeline=1, sequence_parallel=False)
         tconf = transformer_config(m, parallel, torch.float32)
         with torch.device("meta"):  # normal_() on meta tensors draws nothing: the caller's RNG is untouched

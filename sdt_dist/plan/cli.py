@@ -22,6 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nodes", type=int, default=1, help="nodes the ranks are spread over (TP stays in a node)")
     ap.add_argument("--device", choices=DEVICES, default=None, help="check the fit and estimate step time")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of the device's peak FLOP/s")
+    ap.add_argument("--headroom", type=float, default=0.0,
+                    help="fraction of usable device memory to keep free (the estimates' margin), e.g. 0.1")
     return ap.parse_args(argv)
 
 
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.world < 1 or args.nodes < 1 or args.world % args.nodes:
             raise ConfigError(f"--world {args.world} must be a positive multiple of --nodes {args.nodes}")
+        if not 0 <= args.headroom < 1:
+            raise ConfigError(f"--headroom must be in [0, 1), got {args.headroom}")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
         cfg = load_config(args.config, args.overrides)
@@ -40,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sdt-plan] config error: {e}", file=sys.stderr)
         return 2
     inv = parameter_inventory(cfg)
-    plan = make_plan(cfg, inv, layout, precision, dev, args.nodes)
+    plan = make_plan(cfg, inv, layout, precision, dev, args.nodes, args.headroom)
     print(format_plan(plan, args.mfu))
     if dev is not None and not plan.fits:
-        better = smallest_fitting_change(cfg, inv, layout, precision, dev, args.world // args.nodes)
+        better = smallest_fitting_change(cfg, inv, layout, precision, dev, args.world // args.nodes, args.headroom)
         if better is None:
             print("no layout with more ZeRO, recomputation, TP (within a node), PP or a smaller micro-batch fits: "
                   "more ranks are needed")

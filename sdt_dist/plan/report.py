@@ -30,6 +30,7 @@ class Plan:
     recompute_flops_per_step: float  # extra forward FLOPs of recomputation
     total_params: int  # whole model, predictors included
     nodes: int = 1
+    headroom: float = 0.0  # fraction of usable device memory the peak must leave free
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -38,7 +39,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.device is None or self.peak <= self.device.usable
+        return self.device is None or self.peak <= self.device.usable * (1 - self.headroom)
 
     def step_time(self, mfu: float) -> float | None:
         if self.device is None or self.precision.param_bytes not in self.device.peak_flops:
@@ -57,7 +58,7 @@ class Plan:
 
 
 def make_plan(cfg: Config, inv: list[ParamInfo], layout: Layout, precision: Precision,
-              dev: Device | None, nodes: int = 1) -> Plan:
+              dev: Device | None, nodes: int = 1, headroom: float = 0.0) -> Plan:
     m, t = cfg.model, cfg.train
     stages = plan_layout(cfg, inv, layout, precision)
     per_layer = sum(p.numel for p in inv if p.unit == "layer" and p.layer == 1)
@@ -71,7 +72,7 @@ def make_plan(cfg: Config, inv: list[ParamInfo], layout: Layout, precision: Prec
     return Plan(cfg=cfg, layout=layout, precision=precision, stages=stages, device=dev,
                 predictors=sum(model_state_bytes(preds, layout, precision).values()),
                 flops_per_step=flops, recompute_flops_per_step=tokens * m.num_layers * redo,
-                total_params=sum(p.numel for p in inv), nodes=nodes)
+                total_params=sum(p.numel for p in inv), nodes=nodes, headroom=headroom)
 
 
 def _gib(n: float) -> str:
@@ -113,10 +114,11 @@ def format_plan(plan: Plan, mfu: float) -> str:
         out.append(f"at {mfu:.0%} of {plan.device.name} peak: {step:.2f} s/step, "
                    f"{tokens / step * 86400 / 1e9:.2f}B tokens/day")
     if plan.device is not None:
-        usable = plan.device.usable / GiB
+        usable = plan.device.usable * (1 - plan.headroom) / GiB
+        kept = f" ({plan.headroom:.0%} kept free)" if plan.headroom else ""
         if plan.fits:
-            out.append(f"fits: peak {plan.peak / GiB:.1f} GiB of {usable:.1f} GiB usable per device")
+            out.append(f"fits: peak {plan.peak / GiB:.1f} GiB of {usable:.1f} GiB usable per device{kept}")
         else:
-            out.append(f"DOES NOT FIT: peak {plan.peak / GiB:.1f} GiB > {usable:.1f} GiB usable; "
+            out.append(f"DOES NOT FIT: peak {plan.peak / GiB:.1f} GiB > {usable:.1f} GiB usable{kept}; "
                        f"largest: {plan.overflow()}")
     return "\n".join(out + plan.notes)

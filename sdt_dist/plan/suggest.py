@@ -40,7 +40,7 @@ def _cost(base: Layout, lay: Layout) -> float:
 
 
 def smallest_fitting_change(cfg: Config, inv: list[ParamInfo], base: Layout, prec: Precision, dev: Device,
-                            ranks_per_node: int) -> Plan | None:
+                            ranks_per_node: int, headroom: float = 0.0) -> Plan | None:
     best: tuple[float, Plan] | None = None
     micro = [mb for mb in range(1, base.micro_batch + 1) if base.micro_batch % mb == 0]
     for tp in [t for t in _powers_of_two(ranks_per_node) if t >= base.tp]:
@@ -57,7 +57,7 @@ def smallest_fitting_change(cfg: Config, inv: list[ParamInfo], base: Layout, pre
                         cost = _cost(base, lay)
                         if best is not None and cost >= best[0]:
                             continue
-                        plan = make_plan(cfg, inv, lay, prec, dev)
+                        plan = make_plan(cfg, inv, lay, prec, dev, headroom=headroom)
                         if plan.fits:
                             best = (cost, plan)
     return None if best is None else best[1]

@@ -85,3 +85,22 @@ def test_planning_7b_for_64_ranks_is_fast_and_small():
     seconds, max_rss_kib = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "7." in proc.stdout and "B parameters" in proc.stdout
     assert seconds < 60 and max_rss_kib < 2 * 1024**2
+
+
+def test_trainer_plan_check_logs_and_warns_on_departure(single_rank, capsys):
+    from sdt_dist.plan.measure import PlanCheck
+
+    cfg = make_cfg("model.dropout=0", "parallel.zero_stage=0")
+    dims = dataclasses.replace(single_rank, zero_stage=0)
+    logged: list[str] = []
+    check = PlanCheck(cfg, dims, logged.append)
+    tm = SDTrainModule(cfg, dims)
+    train_step(tm, [random_batch(cfg, 1)], 0)
+    assert "memory plan per rank" in logged[0] and "teacher_shard" in logged[0]
+    check.after_step(tm)
+    assert "WARNING" not in capsys.readouterr().out  # the plan is what the engine holds
+    check.checked = False
+    check.stage.exact["teacher_shard"] *= 2  # a plan that is off by 50% of the measurement
+    check.after_step(tm)
+    assert "WARNING teacher_shard" in capsys.readouterr().out
+    tm.engine.destroy()

@@ -127,4 +127,4 @@ def test_plan_model_states_equal_engine_bytes(results, name):
     measured = results[name]["engine_bytes"]
     for rank, got in enumerate(measured):
         assert got == stages[rank // (layout.dp * layout.tp)].exact, f"rank {rank}"
-    assert len({m["teacher_shard"] for m in measured}) >= 1 and all(m["optimizer_state"] > 0 for m in measured)
+    assert all(m["optimizer_state"] > 0 for m in measured)  # measured after Adam allocated its moments

@@ -37,6 +37,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # share the embedding matrix with the output head
     rope_base: float = 10000.0
     init_std: float = 0.02
+    recompute: str = "none"  # activation checkpointing: none | selective (attention core) | full (each layer)
 
 
 @dataclass
@@ -276,6 +277,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(m.ffn_hidden_size is None or m.ffn_hidden_size > 0, "model.ffn_hidden_size", "must be > 0")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(m.init_std > 0, "model.init_std", "must be > 0")
+    _check(m.recompute in ("none", "selective", "full"), "model.recompute",
+           f"must be none, selective or full, got {m.recompute!r}")
 
     _check(p.tensor >= 1, "parallel.tensor", "must be >= 1")
     _check(p.pipeline >= 1, "parallel.pipeline", "must be >= 1")

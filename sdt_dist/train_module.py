@@ -47,7 +47,8 @@ class SDTrainModule:
         # Same seed on every rank: identical master weights, split by TP and partitioned by ZeRO.
         torch.manual_seed(cfg.train.seed)
         with model_init_context(self.ds_config, dims):
-            gpt = GPTModel(tconf, student_layer_specs(self.drop_probs), m.vocab_size, m.tie_embeddings, m.rope_base)
+            gpt = GPTModel(tconf, student_layer_specs(self.drop_probs, m.recompute), m.vocab_size, m.tie_embeddings,
+                           m.rope_base)
             predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std)
         if cfg.train.init_from is not None:  # before the engine copies the weights and the teacher takes them
             load_initial_weights(gpt, cfg.train.init_from, m, dims.tp_group if dims.tp > 1 else None)

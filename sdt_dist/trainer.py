@@ -30,6 +30,7 @@ from sdt_dist.losses import lm_loss
 from sdt_dist.metrics import MetricsLogger
 from sdt_dist.parallel.dims import ParallelDims, device
 from sdt_dist.parallel.pipeline import batch_to_pipe
+from sdt_dist.plan.measure import PlanCheck
 from sdt_dist.progress import StepClock
 from sdt_dist.resume import check_config, choose_on_all_ranks
 from sdt_dist.run_lock import lock_run_dir
@@ -115,6 +116,7 @@ class Trainer:
         # the checkpoint to resume is chosen (and verified) once, before the model: its config may predate keys
         self.resume_from = choose_on_all_ranks(cfg.train.resume, self.ckpt_root, dims.is_main, log0)
         adopt_checkpoint_legacy_values(cfg, self.resume_from)
+        self.plan_check = PlanCheck(cfg, dims, log0)  # logs the memory plan; checked after the first step
         self.tm = SDTrainModule(cfg, dims)
         teacher = self.tm.teacher
         log0(f"EMA teacher storage per rank: {teacher.local_numel():,} fp32 values "
@@ -214,6 +216,7 @@ class Trainer:
             t0 = time.perf_counter()
             batches = [{k: v.to(dev) for k, v in next(it).items()} for _ in range(self.gas)]
             res = train_step(self.tm, batches, self.step)
+            self.plan_check.after_step(self.tm)
             self.step += 1
             self.consumed = it.consumed_samples
             maybe_die("step", self.step)

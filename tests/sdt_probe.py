@@ -8,6 +8,7 @@ import torch
 from sdt_dist.config import Config
 from sdt_dist.freezing import optimizer_state_numel
 from sdt_dist.parallel.dims import ParallelDims
+from sdt_dist.plan.measure import engine_tensor_bytes
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import train_step
 from tests.helpers import random_batch
@@ -38,10 +39,12 @@ def run(cfg: Config, dims: ParallelDims, steps: int, batch_seed: int = 100) -> d
         copied.append(tm.frozen_indices())  # the EMA update of this step copies these
         res = train_step(tm, micro, step)
         records.append(res)
+        if step == 0:  # Adam state exists from the first step, nothing is frozen yet; measured before
+            engine_bytes = engine_tensor_bytes(tm)  # GatheredParameters below re-partitions persistent ZeRO-3 params
         history.append(full_student_params(tm))
         opt_numel.append(optimizer_state_numel(tm.engine))
         frozen.append(tm.frozen)
-    return {"tm": tm, "records": records, "history": history, "teacher0": teacher0,
+    return {"engine_bytes": engine_bytes, "tm": tm, "records": records, "history": history, "teacher0": teacher0,
             "teacher": tm.teacher.full_parameters(), "opt_numel": opt_numel, "frozen": frozen, "copied": copied}
 
 

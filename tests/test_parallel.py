@@ -116,3 +116,19 @@ def test_pipeline_stages_hold_only_their_own_weights(results, name):
     assert student_first + student_last == pytest.approx(student_whole / tp, rel=0.05)
     assert max(student_first, student_last) < 0.75 * student_whole / tp
     assert all(teacher_resident == 0 for *_, teacher_resident in ranks)  # gathered only for the batch
+
+
+@pytest.mark.parametrize("name", ["ref", "zero3_dp2", "tp2_layerdrop", "pp2_layerdrop"])
+def test_plan_model_states_equal_engine_bytes(results, name):
+    """sdt-plan's parameter, fp32 master, Adam and teacher bytes are what each rank's engine holds."""
+    from sdt_dist.plan.inventory import parameter_inventory
+    from sdt_dist.plan.memory import plan_layout, run_layout, run_precision
+
+    nproc, overrides = LAYOUTS[name]
+    cfg = make_cfg(*BASE, *overrides)
+    layout = run_layout(cfg, nproc)
+    stages = plan_layout(cfg, parameter_inventory(cfg), layout, run_precision(cfg, layout.dp))
+    measured = results[name]["engine_bytes"]
+    for rank, got in enumerate(measured):
+        assert got == stages[rank // (layout.dp * layout.tp)].exact, f"rank {rank}"
+    assert all(m["optimizer_state"] > 0 for m in measured)  # measured after Adam allocated its moments

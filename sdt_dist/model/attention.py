@@ -3,6 +3,11 @@
 Stock `DotProductAttention` allocates on `torch.cuda` and forks the CUDA RNG tracker; this module
 keeps the same interface (megatron's [s, b, heads, dim] layout in, [s, b, heads*dim] out) and runs on
 any device, picking the fused kernel torch has for it (flash / memory-efficient on CUDA).
+
+`recompute=True` (model.recompute: selective) checkpoints this attention core, as megatron-core's selective
+recomputation does (whose own checkpoint needs CUDA's RNG tracker): the s x s scores and dropout mask are
+not kept but recomputed in backward, with the same RNG state. Fused kernels keep no scores anyway, so the
+saving is large on the math path (attention dropout on CPU, or no fused kernel) and small otherwise.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.utils.checkpoint import checkpoint
 
 
 class SDPAttention(MegatronModule):
@@ -23,6 +29,7 @@ class SDPAttention(MegatronModule):
         attention_type: str = "self",
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
+        recompute: bool = False,
         **_unused,  # megatron passes cp_comm_type / pg_collection; neither applies here
     ) -> None:
         super().__init__(config=config)
@@ -30,6 +37,7 @@ class SDPAttention(MegatronModule):
             raise ValueError(f"SDPAttention supports causal masks only, got {attn_mask_type}")
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
+        self.recompute = recompute
 
     def forward(
         self,
@@ -41,6 +49,11 @@ class SDPAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._attend, query, key, value, use_reentrant=False)
+        return self._attend(query, key, value)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if k.size(1) != q.size(1):  # grouped-query attention: repeat kv heads

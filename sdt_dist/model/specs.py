@@ -23,10 +23,11 @@ from sdt_dist.model.layerdrop_layer import LayerDropTransformerLayer
 from sdt_dist.model.norm import LayerNorm
 
 
-def decoder_layer_spec(drop_prob: float = 0.0) -> ModuleSpec:
+def decoder_layer_spec(drop_prob: float = 0.0, recompute: str = "none") -> ModuleSpec:
+    """`recompute` (model.recompute): none, selective (the attention core) or full (the whole layer)."""
     return ModuleSpec(
         module=LayerDropTransformerLayer,
-        params={"drop_prob": drop_prob},
+        params={"drop_prob": drop_prob, "recompute": recompute},
         submodules=TransformerLayerSubmodules(
             input_layernorm=LayerNorm,
             self_attention=ModuleSpec(
@@ -34,7 +35,7 @@ def decoder_layer_spec(drop_prob: float = 0.0) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=SDPAttention,
+                    core_attention=ModuleSpec(module=SDPAttention, params={"recompute": recompute == "selective"}),
                     linear_proj=RowParallelLinear,
                 ),
             ),
@@ -49,8 +50,8 @@ def decoder_layer_spec(drop_prob: float = 0.0) -> ModuleSpec:
     )
 
 
-def student_layer_specs(drop_probs: list[float]) -> list[ModuleSpec]:
-    return [decoder_layer_spec(p) for p in drop_probs]
+def student_layer_specs(drop_probs: list[float], recompute: str = "none") -> list[ModuleSpec]:
+    return [decoder_layer_spec(p, recompute) for p in drop_probs]
 
 
 def teacher_layer_specs(num_layers: int) -> list[ModuleSpec]:

@@ -58,11 +58,13 @@ def main() -> None:
         hidden_rows = next(iter(tm.teacher(random_batch(cfg, 0)["tokens"]).hidden.values())).shape[0]
     gathered = [torch.zeros_like(rank_info) for _ in range(dims.world_size)]
     dist.all_gather(gathered, rank_info)
+    engine_bytes = [None] * dims.world_size  # per rank, after the first step (sdt_dist/plan/measure.py)
+    dist.all_gather_object(engine_bytes, out["engine_bytes"])
     if dims.rank == 0:
         json.dump({"losses": per_step.tolist(), "frozen": out["frozen"],
                    "dropped": [r.dropped_layers for r in out["records"]],
                    "ranks": [g[0].tolist() for g in gathered], "dp": dims.dp, "tp": dims.tp,
-                   "hidden_rows": hidden_rows},
+                   "hidden_rows": hidden_rows, "engine_bytes": engine_bytes},
                   open(out_path, "w"))
     destroy_parallel()
 

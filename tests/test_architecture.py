@@ -16,7 +16,9 @@ RUNNING = ["sdt_dist.parallel", "sdt_dist.trainer", "sdt_dist.train_step", "sdt_
 RULES = {  # importer prefix -> prefixes it must not import
     "sdt_dist.model": RUNNING + METHOD,
     **{m: RUNNING for m in METHOD},
-    "sdt_dist.config": ["sdt_dist."],
+    "sdt_dist.config": [m for m in ("sdt_dist.model", "sdt_dist.parallel", "sdt_dist.data", "sdt_dist.eval",
+                                    "sdt_dist.trainer", "sdt_dist.train_step", "sdt_dist.train_module",
+                                    "sdt_dist.init_from", "sdt_dist.checkpoint", *METHOD)],
     "sdt_dist.data": ["sdt_dist.model", "sdt_dist.parallel", "sdt_dist.trainer", "sdt_dist.train_step",
                       "sdt_dist.train_module", "sdt_dist.eval", *METHOD],
 }

@@ -201,15 +201,17 @@ def test_resuming_at_another_layout_exits_2_before_any_collective_naming_both(ck
 
 @needs_hf
 @pytest.mark.slow
-def test_export_from_a_tensor_parallel_checkpoint(single_rank, sp_model, tmp_path):
-    """TP=2 (2 real ranks): the export gathers the shards; transformers gives the logits of our TP=1 model."""
+@pytest.mark.parametrize("layout,overrides", [("TP=2 PP=1", ["parallel.tensor=2"]),
+                                              ("TP=1 PP=2", ["parallel.pipeline=2", "model.num_layers=4"])])
+def test_export_from_a_model_parallel_checkpoint(single_rank, sp_model, tmp_path, layout, overrides):
+    """2 real ranks: the export gathers the TP shards / pipeline stages; transformers gives our TP=1 logits."""
     from sdt_dist.hf_export import export_hf
     from tests.helpers import run_ranks
 
-    run_ranks(2, "save_checkpoint.py", str(tmp_path / "run"), str(sp_model), "3", *SHAPE, "parallel.tensor=2",
-              "model.tie_embeddings=false", timeout=300)
+    run_ranks(2, "save_checkpoint.py", str(tmp_path / "run"), str(sp_model), "3", *SHAPE, *overrides,
+              "model.tie_embeddings=false", timeout=600)
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000003"
-    assert json.loads((ckpt / "meta.json").read_text())["layout"].startswith("world=2 TP=2")
+    assert f"world=2 {layout}" in json.loads((ckpt / "meta.json").read_text())["layout"]
     tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(3))
     for weights in ("student", "teacher"):
         _close(_ours(ckpt, weights, tokens), _hf(export_hf(tmp_path / "run", tmp_path / weights, weights), tokens))

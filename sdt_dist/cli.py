@@ -35,6 +35,10 @@ def train_main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.train.init_from is not None:  # the source's architecture, before any worker starts
+            from sdt_dist.init_from import check_compatible
+
+            check_compatible(cfg.train.init_from, cfg.model)
         world = _world_size_from_env()
         if world is not None:  # the layout is checked before any process group exists
             check_layout(cfg, world)

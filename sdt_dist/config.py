@@ -342,10 +342,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.eval_interval > 0, "train.eval_interval", "must be > 0")
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
-    if t.init_from is not None:
-        from sdt_dist.init_from import check_compatible
-
-        check_compatible(t.init_from, m)
     _check(cfg.logging.log_interval > 0, "logging.log_interval", "must be > 0")
     _check(not cfg.logging.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
            "the wandb package is not installed: pip install 'sdt-dist[wandb]' (or set logging.wandb=false)")

@@ -47,9 +47,11 @@ def test_student_and_teacher_start_from_the_source_weights(single_rank, source, 
 
 def test_another_architecture_is_a_config_error_naming_the_key(source):
     from sdt_dist.config import ConfigError
+    from sdt_dist.init_from import check_compatible
 
     _, export_dir, _ = source
+    cfg = make_cfg("model.tie_embeddings=false", "model.num_layers=2", f"train.init_from={export_dir}")
     with pytest.raises(ConfigError, match=r"train.init_from: .* model.num_layers 2 here, 4 there"):
-        make_cfg("model.tie_embeddings=false", "model.num_layers=2", f"train.init_from={export_dir}")
+        check_compatible(cfg.train.init_from, cfg.model)
     with pytest.raises(ConfigError, match="train.init_from: .*no model_config.json"):
-        make_cfg(f"train.init_from={export_dir.parent / 'nothing'}")
+        check_compatible(export_dir.parent / "nothing", cfg.model)

@@ -1,8 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# This interpreter's bin first on PATH, as for the jobs the tests launch (tests/helpers.py worker_env): torch
+# builds DeepSpeed's CPU comm op with the `ninja` it finds first, and a different one (the venv's or the system's)
+# in this process and in launched jobs makes each rebuild it (about a minute each time) over the other's.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session")

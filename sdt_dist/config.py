@@ -107,6 +107,7 @@ class TrainConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
+    peak_flops: float | None = None  # peak FLOP/s of one device for `mfu`; None: known bf16 figure, or measured
 
 
 @dataclass
@@ -334,6 +335,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.eval_interval > 0, "train.eval_interval", "must be > 0")
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", "must be >= 1")
     _check(cfg.logging.log_interval > 0, "logging.log_interval", "must be > 0")
+    _check(cfg.logging.peak_flops is None or cfg.logging.peak_flops > 0, "logging.peak_flops", "must be > 0")
 
     data = cfg.data
     _check(bool(data.prepared) or data.source is not None, "data.prepared",

@@ -57,6 +57,7 @@ COMMON = ["model.dropout=0", "model.tie_embeddings=false", "parallel.zero_stage=
 PLAIN = ["distill.lambda_kd=0", "distill.lambda_sd=0", "distill.freeze_milestones=[]",
          "distill.freeze_fractions=[]", "distill.layerdrop_p=0"]
 NO_FREEZE = ["distill.freeze_milestones=[]", "distill.freeze_fractions=[]", "distill.layerdrop_p=0"]
+SD, EMA = "ours SD, no freezing, no LayerDrop", "EMA update alone (SD arm)"
 
 
 def make_cfg(args: argparse.Namespace, *extra: str) -> Config:
@@ -205,6 +206,45 @@ def memory(args: argparse.Namespace, arm: str) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _separate_lm_kd(logits, teacher_logits, labels, mask, temperature, tp_group):
+    from sdt_dist import losses
+
+    return (losses.lm_loss(logits, labels, mask, tp_group),
+            losses.kd_loss(logits, teacher_logits, mask, temperature, tp_group))
+
+
+def levers(args: argparse.Namespace) -> None:
+    """Plain step with DeepSpeed's gradient all-reduce restored, SD step with the separate LM and KD losses
+    restored, each against the same step with the lever (one process, interleaved)."""
+    import sdt_dist.train_step as ts
+
+    cfg = make_cfg(args)
+    arms: dict[str, Callable] = {"peer plain": peer_arm(cfg, False)}
+    _, arms["ours plain"] = our_arm(make_cfg(args, *PLAIN), None)
+    tm, plain_ds = our_arm(make_cfg(args, *PLAIN), None)
+    del tm.engine.allreduce_gradients  # the instance override: DeepSpeed's own method again
+    arms["ours plain, DeepSpeed all-reduce at DP=1"] = plain_ds
+    _, arms["ours SD"] = our_arm(make_cfg(args, *NO_FREEZE), None)
+    _, sd = our_arm(make_cfg(args, *NO_FREEZE), None)
+
+    def sd_separate(batch: dict[str, torch.Tensor], i: int) -> None:
+        fused, ts.lm_kd_losses = ts.lm_kd_losses, _separate_lm_kd
+        try:
+            sd(batch, i)
+        finally:
+            ts.lm_kd_losses = fused
+
+    arms["ours SD, separate LM and KD losses"] = sd_separate
+    med, cpu = interleaved(arms, [random_batch(cfg, 1000 + r) for r in range(args.steps)], args.warmup)
+    print(f"levers, shape {args.shape}, {args.threads} threads, median of rounds {args.warmup + 1}-{args.steps}")
+    print("| arm | wall ms/step | CPU ms/step |\n|---|---|---|")
+    for name in arms:
+        print(f"| {name} | {med[name] * 1e3:,.0f} | {cpu[name] * 1e3:,.0f} |")
+    for off, on in (("ours plain, DeepSpeed all-reduce at DP=1", "ours plain"),
+                    ("ours SD, separate LM and KD losses", "ours SD")):
+        print(f"{off} / with the lever: wall {med[off] / med[on]:.3f}, CPU {cpu[off] / cpu[on]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
@@ -214,6 +254,12 @@ def main() -> None:
     parser.add_argument("--run-steps", type=int, default=100, help="nominal run length the schedule is laid on")
     parser.add_argument("--set", action="append", default=[], help="config override for every arm of ours")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--arms", choices=["all", "core", "stages"], default="all",
+                        help="core: peers, ours plain and SD without freezing, EMA; stages: ours plain and the "
+                             "schedule's stages (each arm holds a model, optimizer and teacher: split a large shape "
+                             "over two runs where memory is short)")
+    parser.add_argument("--levers", action="store_true",
+                        help="instead: each lever of issue 12 switched off against on, in one process")
     parser.add_argument("--memory-arm", choices=["plain", "sd"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -221,23 +267,30 @@ def main() -> None:
         measure_memory(args)
         return
     args.warmup = min(args.warmup, args.steps - 1)
+    if args.levers:
+        levers(args)
+        return
 
     sd_cfg = make_cfg(args)
-    arms: dict[str, Callable] = {"peer plain": peer_arm(sd_cfg, False), "peer naive SD": peer_arm(sd_cfg, True)}
+    core, staged = args.arms in ("all", "core"), args.arms in ("all", "stages")
+    arms: dict[str, Callable] = {}
+    if core:
+        arms.update({"peer plain": peer_arm(sd_cfg, False), "peer naive SD": peer_arm(sd_cfg, True)})
     _, arms["ours plain"] = our_arm(make_cfg(args, *PLAIN), None)
-    sd_tm, arms["ours SD, no freezing, no LayerDrop"] = our_arm(make_cfg(args, *NO_FREEZE), None)
-    plan = stages(sd_cfg)
+    if core:
+        sd_tm, arms[SD] = our_arm(make_cfg(args, *NO_FREEZE), None)
+        tau = sd_cfg.distill.ema_tau
+
+        def ema(_batch: dict[str, torch.Tensor], _i: int) -> None:
+            sd_tm.teacher.update(sd_tm.student_gpt_params(), tau, sd_tm.frozen_indices())
+
+        arms[EMA] = ema
+    plan = stages(sd_cfg) if staged else []
     stage_names = []
     for lo, hi, k in plan:
         name = f"ours SD, steps {lo}-{hi - 1}: {k} frozen, LayerDrop {sd_cfg.distill.layerdrop_p:g}"
         _, arms[name] = our_arm(sd_cfg, (lo, hi), k)
         stage_names.append(name)
-    tau = sd_cfg.distill.ema_tau
-
-    def ema(_batch: dict[str, torch.Tensor], _i: int) -> None:
-        sd_tm.teacher.update(sd_tm.student_gpt_params(), tau, sd_tm.frozen_indices())
-
-    arms["EMA update alone (SD arm)"] = ema
     batches = [random_batch(sd_cfg, 1000 + r) for r in range(args.steps)]
     med, cpu = interleaved(arms, batches, args.warmup)
 
@@ -246,24 +299,22 @@ def main() -> None:
           f"{m.vocab_size}, seq {m.seq_length}, micro-batch {sd_cfg.train.micro_batch_size}; fp32, ZeRO-0, dropout 0, "
           f"{args.threads} threads; median of rounds {args.warmup + 1}-{args.steps}, all arms interleaved in one "
           f"process; schedule laid on a {args.run_steps}-step run")
-    peer, plain, sd = med["peer plain"], med["ours plain"], med["ours SD, no freezing, no LayerDrop"]
-    print("| arm | wall ms/step | vs peer plain | vs ours plain | CPU ms/step | vs peer plain | vs ours plain |\n"
+    ref = "peer plain" if core else "ours plain"
+    print(f"| arm | wall ms/step | vs {ref} | vs ours plain | CPU ms/step | vs {ref} | vs ours plain |\n"
           "|---|---|---|---|---|---|---|")
     for name in arms:
-        if not name.startswith("EMA"):
-            c = cpu[name]
-            print(f"| {name} | {med[name] * 1e3:,.0f} | {med[name] / peer:.2f} | {med[name] / plain:.2f} | "
-                  f"{c * 1e3:,.0f} | {c / cpu['peer plain']:.2f} | {c / cpu['ours plain']:.2f} |")
+        if name != EMA:
+            w, c = med[name], cpu[name]
+            print(f"| {name} | {w * 1e3:,.0f} | {w / med[ref]:.2f} | {w / med['ours plain']:.2f} | "
+                  f"{c * 1e3:,.0f} | {c / cpu[ref]:.2f} | {c / cpu['ours plain']:.2f} |")
     weights = [(hi - lo) / sd_cfg.train.max_steps for lo, hi, _ in plan]
-    for label, t in (("wall", med), ("CPU", cpu)):
+    for label, t in (("wall", med), ("CPU", cpu)) if staged else ():
         averaged = sum(w * t[n] for w, n in zip(weights, stage_names))
         print(f"schedule-averaged SD step ({label}): {averaged * 1e3:,.0f} ms = {averaged / t['ours plain']:.2f}x "
               f"ours plain (stages weighted {', '.join(f'{w:.2f}' for w in weights)})")
-    print(f"peer naive SD / peer plain: {med['peer naive SD'] / peer:.2f}; ours SD (no freezing) / ours plain: "
-          f"{sd / plain:.2f}; ours plain / peer plain: {plain / peer:.2f}")
-    ema_t = med["EMA update alone (SD arm)"]
-    print(f"EMA update: {ema_t * 1e3:.2f} ms wall = {100 * ema_t / sd:.2f}% of the SD step (no freezing); CPU "
-          f"{100 * cpu['EMA update alone (SD arm)'] / cpu['ours SD, no freezing, no LayerDrop']:.2f}%")
+    if core:
+        print(f"EMA update: {med[EMA] * 1e3:.2f} ms wall = {100 * med[EMA] / med[SD]:.2f}% of the SD step (no "
+              f"freezing); CPU {100 * cpu[EMA] / cpu[SD]:.2f}%")
     if not args.no_memory:
         mem = {arm: memory(args, arm) for arm in ("plain", "sd")}
         p, s = mem["plain"], mem["sd"]

@@ -185,6 +185,9 @@ def measure_memory(args: argparse.Namespace) -> None:
         step(batch, i)
     acc = get_accelerator()
     if acc.device_name() == "cpu":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so that RSS is what is live
         before = _rss_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
         step(batch, 2)

@@ -33,6 +33,12 @@ class _LmKd(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                 loss_mask: torch.Tensor, temperature: float, tp_group: dist.ProcessGroup | None,
                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # The model's logits are a [b, s] view of an [s, b, V] tensor: walk the tokens in that order rather
+        # than copying the whole tensor into [b, s] order.
+        ctx.swap = logits.dim() == 3 and not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous()
+        if ctx.swap:
+            logits, teacher_logits, labels, loss_mask = (t.transpose(0, 1) for t in (logits, teacher_logits, labels,
+                                                                                     loss_mask))
         vocab = logits.size(-1)
         z_all, t_all = logits.detach().reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)
         n = z_all.size(0)
@@ -80,7 +86,8 @@ class _LmKd(torch.autograd.Function):
         grad.add_(ctx.diff.mul_((grad_kd * ctx.temperature * w)[:, None]))
         grad.scatter_add_(1, local[:, None], -(grad_lm * w * owned)[:, None])
         ctx.p1 = ctx.diff = None
-        return grad.view(ctx.shape).to(ctx.dtype), None, None, None, None, None, None
+        grad = grad.view(ctx.shape).to(ctx.dtype)
+        return grad.transpose(0, 1) if ctx.swap else grad, None, None, None, None, None, None
 
 
 def lm_kd_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,

@@ -18,8 +18,10 @@ def _inputs(seed: int, b: int = 3, s: int = 7, v: int = 13):
 
 @pytest.mark.parametrize("chunk", [4, None])  # several chunks, and the default (one here)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_fused_equals_separate_losses_values_and_gradients(chunk, temperature):
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_fused_equals_separate_losses_values_and_gradients(chunk, temperature, contiguous):
     zs, zt, labels, mask = _inputs(0)
+    zs = zs.contiguous() if contiguous else zs
     ref_in = zs.clone().requires_grad_(True)
     ref_lm, ref_kd = lm_loss(ref_in, labels, mask), kd_loss(ref_in, zt, mask, temperature)
     (ref_lm + 0.7 * ref_kd).backward()  # the separate losses on float64 logits: the reference

@@ -115,6 +115,7 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb: bool = False  # also log to Weights & Biases (pip install 'sdt-dist[wandb]'; WANDB_MODE=offline works)
     wandb_project: str = "sdt-dist"
+    peak_flops: float | None = None  # peak FLOP/s of one device for `mfu`; None: known bf16 figure, or measured
 
 
 @dataclass
@@ -345,6 +346,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(cfg.logging.log_interval > 0, "logging.log_interval", "must be > 0")
     _check(not cfg.logging.wandb or importlib.util.find_spec("wandb") is not None, "logging.wandb",
            "the wandb package is not installed: pip install 'sdt-dist[wandb]' (or set logging.wandb=false)")
+    _check(cfg.logging.peak_flops is None or cfg.logging.peak_flops > 0, "logging.peak_flops", "must be > 0")
 
     data = cfg.data
     _check(bool(data.prepared) or data.source is not None, "data.prepared",

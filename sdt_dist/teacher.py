@@ -59,6 +59,7 @@ class EmaTeacher:
             self.offsets.append(self.offsets[-1] + part)
         device = next(student.parameters()).device
         self.shard = torch.zeros(sum(self.parts), dtype=torch.float32, device=device)
+        self._copied: set[int] = set()  # frozen parameters already copied into the shard
         self.update(list(student.parameters()), tau=0.0)  # initialised equal to the student
         self._release(0, len(self.params))
         self.units = _gather_units(module, self.params)
@@ -70,6 +71,8 @@ class EmaTeacher:
 
     # -- storage --------------------------------------------------------------------------------------
     def _student_slice(self, i: int, p: torch.nn.Parameter) -> torch.Tensor:
+        """This rank's slice of student parameter i, as a view where possible (no padding: the shard's
+        padding is zero from the start and never written)."""
         if _numel(p) != self.numels[i]:
             raise ValueError(f"student parameter {i} has {_numel(p)} elements, teacher {self.numels[i]}")
         if _is_zero3(p):
@@ -77,26 +80,38 @@ class EmaTeacher:
 
             # Frozen params have left the optimizer: their bit16 partition is all there is (and exact).
             local = safe_get_local_fp32_param(p) if p.requires_grad else None
-            return (p.ds_tensor if local is None else local).detach().reshape(-1).float()
+            flat = (p.ds_tensor if local is None else local).detach().reshape(-1)
+            return flat[:max(0, min(self.parts[i], self.numels[i] - self.dp_rank * self.parts[i]))]
         start = self.dp_rank * self.parts[i]
-        flat = p.detach().reshape(-1)[start:start + self.parts[i]].float()
-        if flat.numel() < self.parts[i]:  # the last rank's chunk is zero-padded
-            flat = torch.nn.functional.pad(flat, (0, self.parts[i] - flat.numel()))
-        return flat
+        return p.detach().reshape(-1)[start:start + self.parts[i]]
+
+    def _shard_slice(self, i: int, n: int) -> torch.Tensor:
+        return self.shard[self.offsets[i]:self.offsets[i] + n]
 
     @torch.no_grad()
     def update(self, student_params: list[torch.nn.Parameter], tau: float,
                copy_indices: frozenset[int] = frozenset()) -> None:
-        """In-place EMA on this rank's slice; `copy_indices` (frozen params) are copied, not averaged."""
+        """In-place EMA on this rank's slice; `copy_indices` (frozen params) are copied, not averaged.
+
+        One fused `_foreach_lerp_` over all averaged slices. A frozen parameter never changes again, so once
+        copied it needs no more work: later calls skip it (`load_state_dict` forgets what was copied)."""
         if len(student_params) != len(self.params):
             raise ValueError("student and teacher parameter lists differ in length")
+        dst_avg, src_avg = [], []
         for i, p in enumerate(student_params):
-            dst = self.shard[self.offsets[i]:self.offsets[i] + self.parts[i]]
+            if tau != 0.0 and i in copy_indices and i in self._copied:
+                continue
             src = self._student_slice(i, p)
+            dst = self._shard_slice(i, src.numel())
             if tau == 0.0 or i in copy_indices:
                 dst.copy_(src)
+                if i in copy_indices:
+                    self._copied.add(i)
             else:
-                dst.lerp_(src, 1.0 - tau)
+                dst_avg.append(dst)
+                src_avg.append(src if src.dtype == dst.dtype else src.float())
+        if dst_avg:
+            torch._foreach_lerp_(dst_avg, src_avg, 1.0 - tau)
 
     def _gather(self, lo: int, hi: int) -> torch.Tensor:
         """[DP, n] of every rank's slices of parameters lo..hi-1 (a collective over the data-parallel group)."""
@@ -115,7 +130,9 @@ class EmaTeacher:
     def _materialize(self, lo: int, hi: int) -> None:
         full = self._gather(lo, hi)
         for i in range(lo, hi):
-            self.params[i].data = self._unflatten(full, i, lo).to(self.compute_dtype, copy=True)
+            # With one DP rank in fp32 the weights are views of the shard itself: nothing is copied (the
+            # forward never writes them, and they are released before the next update).
+            self.params[i].data = self._unflatten(full, i, lo).to(self.compute_dtype)
         whole = sum(p.numel() for p in self.params)
         self.peak_numel = max(self.peak_numel, whole)
 
@@ -163,6 +180,7 @@ class EmaTeacher:
             raise ValueError(f"teacher checkpoint layout (DP={state['dp_size']}) does not match this run "
                              f"(DP={self.dp_size}); resume with the same parallel layout")
         self.shard.copy_(state["shard"].to(self.shard.device))
+        self._copied.clear()
 
     def local_numel(self) -> int:
         return self.shard.numel()

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from sdt_dist import losses
+from sdt_dist.fused_lm_kd import lm_kd_losses
 from sdt_dist.layerdrop import sample_dropped
 from sdt_dist.parallel.pipeline import batch_to_pipe
 from sdt_dist.schedules import aligned_layers_at, frozen_layers_at, lr_at, tau_at
@@ -54,16 +55,17 @@ def sdt_losses(tm: SDTrainModule, batch: dict[str, torch.Tensor], step: int, mic
 
     # 1. student forward with LayerDrop; predictors q_l on the aligned layers that ran
     logits, predictions = tm.engine(tokens, skip=dropped, frozen_prefix=tm.no_grad_prefix, aligned=tuple(aligned))
-    terms = {"lm": losses.lm_loss(logits, labels, mask, tp_group)}
+    terms: dict[str, torch.Tensor] = {}
     # 2. teacher forward (no grad, no dropout, no LayerDrop)
     if d.lambda_kd > 0 or predictions:
         teacher = tm.teacher(tokens)
-        # 3. distillation terms
-        terms["kd"] = losses.kd_loss(logits, teacher.logits, mask, d.temperature, tp_group)
+        # 3. LM and KD in one pass over the logits, then the alignment terms
+        terms["lm"], terms["kd"] = lm_kd_losses(logits, teacher.logits, labels, mask, d.temperature, tp_group)
         sp_group = tp_group if tm.cfg.parallel.sequence_parallel else None
         terms["align"] = losses.align_loss(predictions, teacher.hidden, tm.layer_map, mask, sp_group,
                                            reduce=d.align_reduce)
     else:
+        terms["lm"] = losses.lm_loss(logits, labels, mask, tp_group)
         terms["kd"] = terms["align"] = torch.zeros((), device=logits.device)
     terms["total"] = terms["lm"] + d.lambda_kd * terms["kd"] + d.lambda_sd * terms["align"]
     return terms, dropped
@@ -142,10 +144,13 @@ def _micro_batches(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor
             result.skipped = True
         else:
             tm.engine.step()
-        for k in sums:
-            sums[k] += terms[k].item() / len(micro_batches)
+        # one host transfer for the logged values (after the step has been queued)
+        *values, tokens = torch.stack([*(terms[k].detach().float() for k in sums),
+                                       batch["loss_mask"].sum().float()]).tolist()
+        for k, v in zip(sums, values):
+            sums[k] += v / len(micro_batches)
         dropped_any |= dropped
-        result.tokens += int(batch["loss_mask"].sum().item())
+        result.tokens += int(tokens)
     result.loss, result.loss_lm, result.loss_kd, result.loss_align = (
         sums["total"], sums["lm"], sums["kd"], sums["align"])
     result.dropped_layers = sorted(dropped_any)

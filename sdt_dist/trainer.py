@@ -25,9 +25,11 @@ from sdt_dist.data.loader import MicroBatchIterator, build_datasets
 from sdt_dist.data.manifest import verify_prepared
 from sdt_dist.data.prepare import prepare_corpus
 from sdt_dist.data.tokenizer import check_vocab, load_tokenizer
+from sdt_dist.eval.compute import layer_params, step_flops
 from sdt_dist.faults import maybe_die
 from sdt_dist.losses import lm_loss
 from sdt_dist.metrics import MetricsLogger
+from sdt_dist.mfu import mfu, peak_flops
 from sdt_dist.parallel.dims import ParallelDims, device
 from sdt_dist.parallel.pipeline import batch_to_pipe
 from sdt_dist.plan.measure import PlanCheck
@@ -127,6 +129,8 @@ class Trainer:
              f"({'the whole stage, for each batch' if dims.pp > 1 else 'one module at a time'}, {self.tm.dtype})")
         self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard,
                                      cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.to_dict())
+        self.peak_flops, source = peak_flops(self.tm.dtype, device(), cfg.logging.peak_flops)
+        log0(f"MFU against {self.peak_flops / 1e12:.3g} TFLOP/s per device ({source})")
         self.step = 0
         self.consumed = 0
         self.skipped_in_row = 0
@@ -190,11 +194,13 @@ class Trainer:
     def _record(self, res: StepResult, dt: float) -> dict[str, Any]:
         loss, lm, kd, align = self._reduce_mean([res.loss, res.loss_lm, res.loss_kd, res.loss_align])
         tokens = self._reduce_mean([float(res.tokens)])[0] * self.dims.dp
+        flops = step_flops(self.cfg, layer_params(self.cfg.model), self.dims.dp, self.step - 1, res.frozen_layers)
         return {"step": self.step, "loss": loss, "loss_lm": lm, "loss_kd": kd, "loss_align": align,
                 "lr": res.lr, "tau": res.tau, "frozen_layers": res.frozen_layers,
                 "dropped_layers": res.dropped_layers, "aligned_layers": res.aligned_layers,
                 "skipped": res.skipped, "skipped_total": self.skipped_total,
-                "tokens_per_s": tokens / max(dt, 1e-9), "step_time_s": dt, "consumed_samples": self.consumed}
+                "tokens_per_s": tokens / max(dt, 1e-9), "step_time_s": dt,
+                "mfu": mfu(flops, dt, self.dims.world_size, self.peak_flops), "consumed_samples": self.consumed}
 
     def _should_stop(self, stop: _StopFlag) -> bool:
         # Every rank must agree, or the ranks that stop would hang the others in the next collective.
@@ -238,8 +244,8 @@ class Trainer:
                 self.metrics.log(record)
                 log0(" | ".join([f"step {self.step}/{t.max_steps}"] + [
                     f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k in (
-                        "loss", "loss_lm", "loss_kd", "loss_align", "lr", "frozen_layers", "tokens_per_s", "val_ppl")]
-                    + [clock.describe(self.step)]))
+                        "loss", "loss_lm", "loss_kd", "loss_align", "lr", "frozen_layers", "tokens_per_s", "mfu",
+                        "val_ppl")] + [clock.describe(self.step)]))
             if self.step % t.save_interval == 0 or self.step == t.max_steps:
                 self.save()
             if self._should_stop(stop):

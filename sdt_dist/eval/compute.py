@@ -50,6 +50,13 @@ def parameter_counts(gpt: GPTModel) -> dict[str, int]:
             "decoder_layers": layer * gpt.num_layers, "non_embedding": total - embedding - head}
 
 
+def layer_params(m: ModelConfig) -> int:
+    """Weights of one decoder layer from the config (what `parameter_counts` counts on a built TP = 1 model):
+    QKV, projection, fc1 and fc2 with biases, and two LayerNorms."""
+    d, f = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size
+    return 4 * d * d + 2 * d * f + 9 * d + f
+
+
 def flops_per_token(m: ModelConfig, per_layer_params: int) -> dict[str, float]:
     """Forward and training FLOPs per token of a plain GPT step (see the module docstring)."""
     n = m.num_layers * per_layer_params + m.hidden_size * m.vocab_size
@@ -71,6 +78,25 @@ def _teacher_runs(d: DistillConfig, step: int, num_layers: int, max_steps: int, 
     return d.lambda_kd > 0 or bool(aligned_layers_at(step, d, num_layers, max_steps, frozen))
 
 
+def step_flops(cfg: Config, per_layer_params: int, dp: int, step: int, frozen: int) -> float:
+    """Training FLOPs of one optimizer step on all ranks together (0-based `step`, as train_step sees it) with
+    `frozen` layers frozen and the LayerDrop of each micro-step as drawn."""
+    m, d, t = cfg.model, cfg.distill, cfg.train
+    gas = t.global_batch_size // (t.micro_batch_size * dp)
+    tokens_per_micro = t.micro_batch_size * dp * m.seq_length
+    probs = layer_probs(d.layerdrop_p, m.num_layers, d.layerdrop_schedule)
+    teacher = _teacher_runs(d, step, m.num_layers, t.max_steps, frozen)
+    total = 0.0
+    for micro in range(gas):
+        dropped = sample_dropped(probs, t.seed, step, micro)
+        ran = m.num_layers - len(dropped)
+        trainable = sum(1 for n in range(frozen + 1, m.num_layers + 1) if n not in dropped)
+        # a trainable embedding below frozen layers needs their input gradients
+        input_grad_only = 0 if d.freeze_embedding else ran - trainable
+        total += tokens_per_micro * _sdt_step_flops(m, per_layer_params, ran, trainable, teacher, input_grad_only)
+    return total
+
+
 def schedule_flops(cfg: Config, per_layer_params: int, world_size: int, steps: int | None = None) -> dict[str, Any]:
     """Training FLOPs of the run's first `steps` steps (default max_steps) as scheduled, with and without
     freezing, and the frozen-layer timeline [(first step, frozen layers), ...] (steps 1-based)."""
@@ -79,24 +105,14 @@ def schedule_flops(cfg: Config, per_layer_params: int, world_size: int, steps: i
     dp = check_layout(cfg, world_size)
     gas = t.global_batch_size // (t.micro_batch_size * dp)
     tokens_per_micro = t.micro_batch_size * dp * m.seq_length
-    probs = layer_probs(d.layerdrop_p, m.num_layers, d.layerdrop_schedule)
     total = no_freeze = 0.0
     timeline: list[tuple[int, int]] = []
     for step in range(steps):  # step index as train_step sees it; logged as step + 1
         frozen = frozen_layers_at(step, d, m.num_layers, t.max_steps)
         if not timeline or timeline[-1][1] != frozen:
             timeline.append((step + 1, frozen))
-        for micro in range(gas):
-            dropped = sample_dropped(probs, t.seed, step, micro)
-            ran = m.num_layers - len(dropped)
-            trainable = sum(1 for n in range(frozen + 1, m.num_layers + 1) if n not in dropped)
-            # a trainable embedding below frozen layers needs their input gradients
-            input_grad_only = 0 if d.freeze_embedding else ran - trainable
-            total += tokens_per_micro * _sdt_step_flops(
-                m, per_layer_params, ran, trainable, _teacher_runs(d, step, m.num_layers, t.max_steps, frozen),
-                input_grad_only)
-            no_freeze += tokens_per_micro * _sdt_step_flops(
-                m, per_layer_params, ran, ran, _teacher_runs(d, step, m.num_layers, t.max_steps, 0))
+        total += step_flops(cfg, per_layer_params, dp, step, frozen)
+        no_freeze += step_flops(cfg, per_layer_params, dp, step, 0)
     plain = flops_per_token(m, per_layer_params)["training"] * tokens_per_micro * gas * steps
     return {"train_flops": total, "train_flops_without_freezing": no_freeze,
             "train_flops_plain_gpt": plain, "freezing_compute_ratio": total / no_freeze if no_freeze else 1.0,

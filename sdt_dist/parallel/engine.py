@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -97,4 +98,20 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], ds_config: di
         model=module, optimizer=optimizer, config=copy.deepcopy(ds_config),
         mpu=MegatronMpu() if dims.pp == 1 else None, dist_init_required=False,
     )
+    if dims.dp == 1 and dims.pp == 1 and ds_config["zero_optimization"]["stage"] == 0:
+        # One data-parallel rank: DeepSpeed's gradient all-reduce would flatten every gradient into a bucket,
+        # all-reduce it over a group of one and copy it back (x 1/1), two copies of all gradients per step for
+        # an identity. Keep only what it does besides (sequence-parallel gradients are summed by our own hooks).
+        engine.allreduce_gradients = functools.partial(_zero_missing_grads, engine)
     return engine
+
+
+def _zero_missing_grads(engine, bucket_size: int | None = None) -> None:
+    """At the accumulation boundary a trainable parameter without a gradient (a predictor not aligned this
+    step, a LayerDropped layer) gets a zero one, as DeepSpeed's all-reduce gives it: AdamW then steps it
+    (momentum, weight decay) exactly as with several data-parallel ranks."""
+    if not engine.is_gradient_accumulation_boundary():
+        return
+    for p in engine.module.parameters():
+        if p.requires_grad and p.grad is None and p.numel():
+            p.grad = torch.zeros_like(p)

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from sdt_dist.fused_lm_kd import lm_kd_losses
+from sdt_dist.losses import kd_loss, lm_loss
+
+
+def _inputs(seed: int, b: int = 3, s: int = 7, v: int = 13):
+    g = torch.Generator().manual_seed(seed)
+    # the model's logits are a transposed [s, b, V] tensor: not contiguous
+    zs = (torch.randn(s, b, v, generator=g, dtype=torch.float64) * 3).transpose(0, 1)
+    zt = torch.randn(b, s, v, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, v, (b, s), generator=g)
+    mask = torch.ones(b, s)
+    mask[1, 4:] = 0
+    return zs, zt, labels, mask
+
+
+@pytest.mark.parametrize("chunk", [4, None])  # several chunks, and the default (one here)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_fused_equals_separate_losses_values_and_gradients(chunk, temperature, contiguous):
+    zs, zt, labels, mask = _inputs(0)
+    zs = zs.contiguous() if contiguous else zs
+    ref_in = zs.clone().requires_grad_(True)
+    ref_lm, ref_kd = lm_loss(ref_in, labels, mask), kd_loss(ref_in, zt, mask, temperature)
+    (ref_lm + 0.7 * ref_kd).backward()  # the separate losses on float64 logits: the reference
+    got_in = zs.float().requires_grad_(True)
+    lm, kd = lm_kd_losses(got_in, zt.float(), labels, mask, temperature, chunk_tokens=chunk)
+    (lm + 0.7 * kd).backward()
+    torch.testing.assert_close(lm.double(), ref_lm.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kd.double(), ref_kd.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
+    assert got_in.grad.shape == zs.shape and got_in.grad[1, 4:].abs().max() == 0  # padding gets no gradient
+
+
+def test_fused_kd_is_zero_for_a_teacher_equal_to_the_student_and_reaches_the_student_only():
+    zs, _, labels, mask = _inputs(1)
+    z = zs.float().requires_grad_(True)
+    teacher = zs.float().clone().requires_grad_(True)
+    lm, kd = lm_kd_losses(z, teacher, labels, mask, 2.0, chunk_tokens=5)
+    assert abs(kd.item()) < 1e-6
+    kd.backward()
+    assert teacher.grad is None and z.grad.abs().max() < 1e-6  # KD alone: zero gradient at its minimum

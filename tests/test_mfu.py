@@ -1,0 +1,32 @@
+import math
+
+import pytest
+import torch
+
+from sdt_dist.config import ConfigError
+from sdt_dist.eval.compute import layer_params, parameter_counts, schedule_flops, step_flops
+from sdt_dist.mfu import mfu, peak_flops
+from tests.eval.evalhelpers import tiny_model
+from tests.helpers import make_cfg
+
+
+@pytest.mark.parametrize("ffn", ["null", "40"])
+def test_layer_params_from_config_match_a_built_model(single_rank, ffn):
+    cfg = make_cfg(f"model.ffn_hidden_size={ffn}")
+    assert layer_params(cfg.model) == parameter_counts(tiny_model(cfg))["per_layer"]
+
+
+def test_step_flops_add_up_to_the_schedule_and_mfu_is_their_rate_over_the_peak():
+    cfg = make_cfg("distill.layerdrop_p=0.3", "distill.freeze_milestones=[0.5]", "distill.freeze_fractions=[0.5]")
+    per_layer = layer_params(cfg.model)
+    steps = [step_flops(cfg, per_layer, 1, s, 0 if s < 10 else 2) for s in range(20)]
+    assert sum(steps) == pytest.approx(schedule_flops(cfg, per_layer, world_size=1)["train_flops"], rel=1e-12)
+    assert mfu(4e12, 2.0, 2, 1e12) == 1.0  # 4 TFLOP in 2 s on 2 devices of 1 TFLOP/s each
+
+
+def test_peak_flops_override_else_a_measured_matmul():
+    assert peak_flops(torch.float32, torch.device("cpu"), 5e11) == (5e11, "logging.peak_flops")
+    value, source = peak_flops(torch.float32, torch.device("cpu"))
+    assert math.isfinite(value) and value > 1e8 and source.startswith("measured")
+    with pytest.raises(ConfigError, match="logging.peak_flops"):
+        make_cfg("logging.peak_flops=0")

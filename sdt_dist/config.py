@@ -59,7 +59,7 @@ class DistillConfig:
     ema_anneal_frac: float = 1.0  # fraction of max_steps over which tau is annealed
     lambda_kd: float = 1.0
     temperature: float = 2.0
-    lambda_sd: float = 1.0  # weight of the predictive-alignment term
+    lambda_sd: float = 0.3  # weight of the predictive-alignment term (chosen in docs/results/recipe.md)
     align_reduce: str = "mean"  # sum | mean over the aligned layers of the step (mean: scale independent of depth)
     align_map: str = "identity"  # f(l): identity | strided | nearest
     teacher_layers: int | None = None  # teacher depth for f(l); None -> same as the student

@@ -47,15 +47,19 @@ def test_plain_run_costs_plain_training_flops():
     assert out["freezing_compute_ratio"] == 1.0 and out["frozen_timeline"] == [(1, 0)]
 
 
-def test_freezing_ratio_by_hand():
+@pytest.mark.parametrize("freeze_embedding", [True, False])
+def test_freezing_ratio_by_hand(freeze_embedding):
     # L=4, 20 steps; half the layers frozen from 50% of training; no teacher, no LayerDrop.
-    cfg = make_cfg(*NO_DISTILL[:3], "distill.freeze_milestones=[0.5]", "distill.freeze_fractions=[0.5]")
+    cfg = make_cfg(*NO_DISTILL[:3], "distill.freeze_milestones=[0.5]", "distill.freeze_fractions=[0.5]",
+                   f"distill.freeze_embedding={str(freeze_embedding).lower()}")
     m = cfg.model
     per_layer = 1000
     layer = 2 * per_layer + 2 * m.seq_length * m.hidden_size
     head = 2 * m.hidden_size * m.vocab_size
     full = 3 * (4 * layer + head)
-    frozen2 = (4 * layer + head) + 2 * (2 * layer + head)
+    # frozen layers need no backward when the embedding below them is frozen too; a trainable embedding
+    # needs their input gradients (1x their forward)
+    frozen2 = (4 * layer + head) + 2 * (2 * layer + head) + (0 if freeze_embedding else 2 * layer)
     out = schedule_flops(cfg, per_layer, world_size=1)
     assert out["frozen_timeline"] == [(1, 0), (11, 2)]
     assert out["freezing_compute_ratio"] == pytest.approx((10 * full + 10 * frozen2) / (20 * full))

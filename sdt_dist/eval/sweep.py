@@ -31,6 +31,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,20 +274,23 @@ def run(spec: SweepSpec, selected: list[Arm], train: Step = launch_training, eva
     """Train and evaluate the arms that are not finished; returns the names of the arms that failed
     (the others go on: a long sweep should not stop for one bad arm)."""
     failed = []
-    for arm in selected:
+    start = time.monotonic()
+    for i, arm in enumerate(selected, start=1):
+        # progress: which arm of how many, and the sweep's elapsed time (a training's own log has its ETA)
+        name = f"({i}/{len(selected)}, {(time.monotonic() - start) / 60:.0f} min) {arm.name}"
         try:
             if arm.trained() and arm.evaluated(spec.eval):
-                log(f"[sdt-sweep] {arm.name}: finished, skipped")
+                log(f"[sdt-sweep] {name}: finished, skipped")
                 continue
             if not arm.trained():
                 if arm.variant.train_as:  # its training arm ran (or failed) before it
                     raise RuntimeError(f"no final checkpoint in {arm.train_dir} (arm {arm.variant.train_as})")
-                log(f"[sdt-sweep] {arm.name}: training in {arm.train_dir}")
+                log(f"[sdt-sweep] {name}: training in {arm.train_dir} (log: {arm.train_dir / 'train.log'})")
                 train(spec, arm)
-            log(f"[sdt-sweep] {arm.name}: evaluating into {arm.eval_dir}")
+            log(f"[sdt-sweep] {name}: evaluating into {arm.eval_dir}")
             evaluate(spec, arm)
         except (RuntimeError, ConfigError, OSError, ValueError) as e:
-            log(f"[sdt-sweep] {arm.name}: FAILED: {e}")
+            log(f"[sdt-sweep] {name}: FAILED: {e}")
             failed.append(arm.name)
     return failed
 

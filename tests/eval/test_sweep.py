@@ -136,6 +136,7 @@ def test_failures_do_not_stop_the_sweep_and_stale_checkpoints_are_refused(tmp_pa
     logs: list[str] = []
     failed = run(spec, arms(spec, ["sdt"], [1]), FakeSteps().train, FakeSteps().evaluate, log=logs.append)
     assert failed == ["sdt/seed1"] and "another config" in logs[-1]
+    assert logs[-1].startswith("[sdt-sweep] (1/1, 0 min) sdt/seed1: FAILED")  # progress: arm i of n, elapsed
 
 
 def test_aggregate_mean_std_and_tables(tmp_path):

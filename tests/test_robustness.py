@@ -31,12 +31,19 @@ def test_non_finite_loss_skips_the_step_everywhere(single_rank, monkeypatch):
     steps_before = [s["step"].clone() for s in inner.state.values()]
     real_lm_loss = losses.lm_loss
     monkeypatch.setattr(losses, "lm_loss", lambda *a, **k: real_lm_loss(*a, **k) * float("nan"))
+    # with a teacher, LM and KD come from one fused pass: its LM term goes non-finite too
+    import sdt_dist.train_step as step_module
+
+    real_fused = step_module.lm_kd_losses
+    monkeypatch.setattr(step_module, "lm_kd_losses",
+                        lambda *a, **k: (lambda lm, kd: (lm * float("nan"), kd))(*real_fused(*a, **k)))
     res = train_step(tm, [random_batch(cfg, 1)], 1)
     assert res.skipped
     assert all(torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, tm.teacher.full_parameters()))
     assert all(torch.equal(a["step"], b) for a, b in zip(inner.state.values(), steps_before))
     monkeypatch.setattr(losses, "lm_loss", real_lm_loss)
+    monkeypatch.setattr(step_module, "lm_kd_losses", real_fused)
     res = train_step(tm, [random_batch(cfg, 2)], 2)
     assert not res.skipped and any(not torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))
 

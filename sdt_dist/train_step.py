@@ -85,11 +85,7 @@ def _zero0_grads_finite(tm: SDTrainModule) -> bool:
     if tm.engine.zero_optimization_stage() != 0:
         return True
     grads = [p.grad for p in tm.engine.module.parameters() if p.grad is not None]
-    local_ok = not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
-    flag = torch.tensor([0.0 if local_ok else 1.0], device=grads[0].device if grads else None)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    return _all_finite(torch.stack(torch._foreach_norm(grads)) if grads else torch.zeros(1))
 
 
 def _step_without_update(engine) -> None:

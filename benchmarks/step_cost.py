@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sdt_dist.config import Config, load_config  # noqa: E402
-from sdt_dist.schedules import frozen_layers_at  # noqa: E402
+from sdt_dist.distill.schedules import frozen_layers_at  # noqa: E402
 
 SHAPES = {  # the two shapes of issue 12
     "small": ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4",
@@ -210,7 +210,7 @@ def memory(args: argparse.Namespace, arm: str) -> dict[str, float]:
 
 
 def _separate_lm_kd(logits, teacher_logits, labels, mask, temperature, tp_group):
-    from sdt_dist import losses
+    from sdt_dist.distill import losses
 
     return (losses.lm_loss(logits, labels, mask, tp_group),
             losses.kd_loss(logits, teacher_logits, mask, temperature, tp_group))

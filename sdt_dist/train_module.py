@@ -8,10 +8,13 @@ import torch
 from megatron.core import parallel_state as ps
 
 from sdt_dist.config import Config
+from sdt_dist.distill.freezing import frozen_parameters
+from sdt_dist.distill.layerdrop import layer_probs
+from sdt_dist.distill.predictor import build_predictors, predictor_spec
+from sdt_dist.distill.schedules import layer_map
+from sdt_dist.distill.teacher import EmaTeacher
 from sdt_dist.export import gather_full_state
-from sdt_dist.freezing import frozen_parameters, restore_optimizer_state, snapshot_optimizer_state
 from sdt_dist.init_from import load_initial_weights
-from sdt_dist.layerdrop import layer_probs
 from sdt_dist.model import GPTModel, student_layer_specs, teacher_layer_specs, transformer_config
 from sdt_dist.model.student import Student
 from sdt_dist.parallel.dims import ParallelDims, device
@@ -22,15 +25,13 @@ from sdt_dist.parallel.engine import (
     model_init_context,
     param_groups,
 )
+from sdt_dist.parallel.optimizer_state import restore_optimizer_state, snapshot_optimizer_state
 from sdt_dist.parallel.pipeline import PipeContext, build_pipeline_module, release_other_stages, stage_pieces
 from sdt_dist.parallel.sequence_parallel import (
     allreduce_sequence_parallel_grads,
     mark_sequence_parallel,
     place_megatron_buffers_on_accelerator,
 )
-from sdt_dist.predictor import build_predictors, predictor_spec
-from sdt_dist.schedules import layer_map
-from sdt_dist.teacher import EmaTeacher
 
 
 class SDTrainModule:

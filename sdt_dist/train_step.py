@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from sdt_dist import losses
-from sdt_dist.fused_lm_kd import lm_kd_losses
-from sdt_dist.layerdrop import sample_dropped
+from sdt_dist.distill import losses
+from sdt_dist.distill.fused_lm_kd import lm_kd_losses
+from sdt_dist.distill.layerdrop import sample_dropped
+from sdt_dist.distill.schedules import aligned_layers_at, frozen_layers_at, lr_at, tau_at
 from sdt_dist.parallel.pipeline import batch_to_pipe
-from sdt_dist.schedules import aligned_layers_at, frozen_layers_at, lr_at, tau_at
 from sdt_dist.train_module import SDTrainModule
 
 

@@ -25,9 +25,9 @@ from sdt_dist.data.loader import MicroBatchIterator, build_datasets
 from sdt_dist.data.manifest import verify_prepared
 from sdt_dist.data.prepare import prepare_corpus
 from sdt_dist.data.tokenizer import check_vocab, load_tokenizer
+from sdt_dist.distill.losses import lm_loss
 from sdt_dist.eval.compute import layer_params, step_flops
 from sdt_dist.faults import maybe_die
-from sdt_dist.losses import lm_loss
 from sdt_dist.metrics import MetricsLogger
 from sdt_dist.mfu import mfu, peak_flops
 from sdt_dist.parallel.dims import ParallelDims, device

@@ -6,8 +6,8 @@ import deepspeed
 import torch
 
 from sdt_dist.config import Config
-from sdt_dist.freezing import optimizer_state_numel
 from sdt_dist.parallel.dims import ParallelDims
+from sdt_dist.parallel.optimizer_state import optimizer_state_numel
 from sdt_dist.plan.measure import engine_tensor_bytes
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import train_step

@@ -9,8 +9,7 @@ from tests.helpers import REPO
 
 PACKAGE = REPO / "sdt_dist"
 # the method (SelfDistil-T's pieces) and the model know nothing of how they are run
-METHOD = ["sdt_dist.losses", "sdt_dist.fused_lm_kd", "sdt_dist.layerdrop", "sdt_dist.predictor", "sdt_dist.teacher",
-          "sdt_dist.schedules", "sdt_dist.freezing"]
+METHOD = ["sdt_dist.distill"]
 RUNNING = ["sdt_dist.parallel", "sdt_dist.trainer", "sdt_dist.train_step", "sdt_dist.train_module", "sdt_dist.cli",
            "sdt_dist.checkpoint", "sdt_dist.eval", "sdt_dist.data"]
 RULES = {  # importer prefix -> prefixes it must not import

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sdt_dist.freezing import frozen_parameters
+from sdt_dist.distill.freezing import frozen_parameters
 from tests.helpers import make_cfg, random_batch
 from tests.sdt_probe import run
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sdt_dist.fused_lm_kd import lm_kd_losses
-from sdt_dist.losses import kd_loss, lm_loss
+from sdt_dist.distill.fused_lm_kd import lm_kd_losses
+from sdt_dist.distill.losses import kd_loss, lm_loss
 
 
 def _inputs(seed: int, b: int = 3, s: int = 7, v: int = 13):

@@ -1,6 +1,6 @@
 import torch
 
-from sdt_dist.layerdrop import evenly_spaced_keep, layer_probs, sample_dropped
+from sdt_dist.distill.layerdrop import evenly_spaced_keep, layer_probs, sample_dropped
 from tests.helpers import make_cfg, random_batch
 
 

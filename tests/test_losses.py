@@ -1,6 +1,6 @@
 import torch
 
-from sdt_dist.losses import align_loss, kd_loss, lm_loss
+from sdt_dist.distill.losses import align_loss, kd_loss, lm_loss
 
 
 def _kd_reference(zs, zt, mask, T):

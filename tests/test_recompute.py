@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdt_dist import losses
+from sdt_dist.distill import losses
 from sdt_dist.model import GPTModel, student_layer_specs, transformer_config
 from sdt_dist.plan.inventory import megatron_groups
 from tests.helpers import make_cfg, random_batch

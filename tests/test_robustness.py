@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdt_dist import losses
 from sdt_dist.config import Config, ConfigError, check_layout, load_config
+from sdt_dist.distill import losses
 from tests.helpers import OWT, REPO, TINY, free_port, make_cfg, random_batch, worker_env
 from tests.sdt_probe import full_student_params
 

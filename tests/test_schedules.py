@@ -1,7 +1,7 @@
 import pytest
 
 from sdt_dist.config import DistillConfig, TrainConfig
-from sdt_dist.schedules import aligned_layers_at, frozen_layers_at, layer_map, lr_at, tau_at
+from sdt_dist.distill.schedules import aligned_layers_at, frozen_layers_at, layer_map, lr_at, tau_at
 
 
 def test_freezing_milestones_default_10_20_30_percent():

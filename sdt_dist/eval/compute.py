@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from sdt_dist.config import Config, DistillConfig, ModelConfig, check_layout
-from sdt_dist.layerdrop import layer_probs, sample_dropped
+from sdt_dist.distill.layerdrop import layer_probs, sample_dropped
+from sdt_dist.distill.schedules import aligned_layers_at, frozen_layers_at
 from sdt_dist.model import GPTModel
-from sdt_dist.schedules import aligned_layers_at, frozen_layers_at
 
 FLOPS_FORMULA = (
     "forward/token = 2N + 2*L*s*d; training/token = 6N + 6*L*s*d (Kaplan et al. 2020), N = L*N_layer + d*V "

@@ -34,8 +34,8 @@ PROTOCOL = {
                   "exactly once; no overlap / sliding context",
     "ece": "top-1 next-token predictions; confidence = max softmax probability; 10 equal-width bins "
            "((m-1)/10, m/10]; ECE = sum_m n_m/N |accuracy_m - confidence_m|",
-    "pruning": "remove k of L layers keeping evenly spaced ones (sdt_dist.layerdrop.evenly_spaced_keep); removed "
-               "layers are the identity (LayerDrop's skip); degradation = 100 * (ppl_k / ppl_0 - 1)",
+    "pruning": "remove k of L layers keeping evenly spaced ones (sdt_dist.distill.layerdrop.evenly_spaced_keep); "
+               "removed layers are the identity (LayerDrop's skip); degradation = 100 * (ppl_k / ppl_0 - 1)",
 }
 
 

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from sdt_dist.layerdrop import evenly_spaced_keep
+from sdt_dist.distill.layerdrop import evenly_spaced_keep
 from sdt_dist.model import GPTModel, student_layer_specs
 
 

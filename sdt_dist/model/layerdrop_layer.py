@@ -1,5 +1,5 @@
 """The decoder layer LayerDrop can skip: the model's side of LayerDrop (which layers to skip, and when, is
-the method's: `sdt_dist/layerdrop.py`).
+the method's: `sdt_dist/distill/layerdrop.py`).
 
 `recompute="full"` checkpoints the layer (torch's non-reentrant checkpoint, which replays the RNG state, so
 dropout masks are identical on recompute): only its input is kept for backward. A skipped layer and the

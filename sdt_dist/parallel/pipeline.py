@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdt_dist import losses
-from sdt_dist.layerdrop import sample_dropped
+from sdt_dist.distill import losses
+from sdt_dist.distill.layerdrop import sample_dropped
 from sdt_dist.model.gpt import GPTModel, embed_tokens
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

@@ -18,10 +18,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from sdt_dist.config import Config
-from sdt_dist.freezing import frozen_parameters
+from sdt_dist.distill.freezing import frozen_parameters
+from sdt_dist.distill.predictor import build_predictors, predictor_spec
+from sdt_dist.distill.schedules import frozen_layers_at
 from sdt_dist.model import GPTModel, student_layer_specs, transformer_config
-from sdt_dist.predictor import build_predictors, predictor_spec
-from sdt_dist.schedules import frozen_layers_at
 
 
 @dataclass(frozen=True)

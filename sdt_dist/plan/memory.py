@@ -9,7 +9,7 @@ allocation rules:
     ZeRO-0 in 16 bits, the rank's 1/DP partition for ZeRO-1/2/3 (a copy even in fp32);
   * Adam moments (exp_avg, exp_avg_sq): two fp32 values per master element, allocated at the first step;
   * EMA teacher shard: fp32, ceil(numel / DP) of every GPT parameter of this stage's TP shard
-    (`sdt_dist/teacher.py`); predictors have no teacher.
+    (`sdt_dist/distill/teacher.py`); predictors have no teacher.
 Estimates (labelled so in the output): gradients and their reduce buckets, the teacher's and ZeRO-3's
 gathered weights, activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models": 34 s b h + 5 a s^2 b bytes per layer at 16 bits, split by TP / SP as there), logits and

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdt_dist.distill.layerdrop import evenly_spaced_keep
 from sdt_dist.eval.pruning import prune_model, removed_layers
-from sdt_dist.layerdrop import evenly_spaced_keep
 from tests.eval.evalhelpers import tiny_model
 from tests.helpers import make_cfg
 

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sdt_dist.freezing import frozen_parameters
+from sdt_dist.distill.freezing import frozen_parameters
 from sdt_dist.parallel.dims import destroy_parallel, init_parallel
 from tests.helpers import make_cfg, random_batch
 from tests.sdt_probe import ema_closed_form, run

@@ -1,11 +1,9 @@
-"""Progressive freezing: at each milestone the lowest floor(alpha_m * L) layers (and, with
-`distill.freeze_embedding`, the embedding) leave the optimizer for good.
+"""Adam state carried across an optimizer rebuild, under any ZeRO stage.
 
 `requires_grad_(False)` alone is wrong under ZeRO 1/2/3 (Adam keeps moving frozen parameters with its
 momentum, and their state stays allocated). So freezing rebuilds the optimizer over the kept
 parameters: we read every kept parameter's fp32 master weight and Adam moments, build a new engine,
-and write them back. This is exact, and frees the frozen parameters' optimizer state. When the count
-changes is a pure function of the step (`schedules.frozen_layers_at`).
+and write them back. This is exact, and frees the frozen parameters' optimizer state.
 """
 
 from __future__ import annotations
@@ -14,20 +12,7 @@ from typing import Any
 
 import torch
 
-from sdt_dist.model.gpt import GPTModel
-
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def frozen_parameters(gpt: GPTModel, num_frozen: int, include_embedding: bool = True) -> list[torch.nn.Parameter]:
-    """Layers 1..num_frozen, and the embedding if `include_embedding` (with tied embeddings the head is the
-    embedding, so it freezes too)."""
-    if num_frozen <= 0:
-        return []
-    params = list(gpt.embedding.parameters()) if include_embedding else []
-    for layer in gpt.layers[:num_frozen]:
-        params.extend(layer.parameters())
-    return params
 
 
 def _inner_optimizer(engine) -> torch.optim.Optimizer:

@@ -82,8 +82,10 @@ def model_init_context(ds_config: dict[str, Any], dims: ParallelDims) -> context
 
 def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices, none on biases, norms and 1-D parameters."""
-    decay = [p for n, p in named_params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in named_params if p.requires_grad and p.ndim < 2]
+    # a ZeRO-3 parameter's own tensor is a 1-D partition (or a gathered copy): its shape is `ds_shape`
+    ndim = {id(p): len(getattr(p, "ds_shape", p.shape)) for _, p in named_params}
+    decay = [p for n, p in named_params if p.requires_grad and ndim[id(p)] >= 2]
+    no_decay = [p for n, p in named_params if p.requires_grad and ndim[id(p)] < 2]
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 

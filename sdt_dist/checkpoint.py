@@ -5,6 +5,8 @@ Layout under `<run>/checkpoints/`:
     <DeepSpeed files>       student + predictors + optimizer (any ZeRO stage, per-rank partitions)
     rank_00000.pt ...       per rank: teacher shard, RNG states, step, consumed samples, frozen layers
     export/                 full student and teacher weights (safetensors), loadable at any layout
+    full_optimizer.safetensors  whole fp32 masters + Adam moments (train.save_full_optimizer): with export/,
+                            what a resume at another layout reads (`relayout.py`)
     meta.json               config, tokenizer hash, world layout, size + sha256 of every other file
                             (written last, by rank 0; `integrity.py` verifies them on resume)
   latest                    the tag of the newest complete checkpoint (replaced atomically)
@@ -32,6 +34,8 @@ from sdt_dist.consolidation_guard import replace_consolidation_scripts
 from sdt_dist.export import export
 from sdt_dist.faults import maybe_die
 from sdt_dist.integrity import file_digests
+from sdt_dist.relayout import full_optimizer_state, load_at_new_layout, save_full_optimizer
+from sdt_dist.resume_layout import layout_changed
 from sdt_dist.train_module import SDTrainModule
 
 LATEST = "latest"
@@ -69,6 +73,7 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
              "teacher": tm.teacher.state_dict(), "rng": rng_state()}
     torch.save(extra, ckpt_root / tmp_tag / f"rank_{rank:05d}.pt")
     student, teacher = tm.export_state()
+    full_optimizer = full_optimizer_state(tm) if tm.cfg.train.save_full_optimizer else None
     maybe_die("save", step)
     dist.barrier()
     if rank == 0:
@@ -76,6 +81,8 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
         replace_consolidation_scripts(ckpt_root)
         replace_consolidation_scripts(ckpt_root / tmp_tag)
         export(ckpt_root / tmp_tag / "export", tm.cfg.model, student, teacher)
+        if full_optimizer is not None:
+            save_full_optimizer(ckpt_root / tmp_tag, full_optimizer)
         # every rank's files are complete (barrier above): record their checksums for the resume to verify
         meta = {**meta, "files": file_digests(ckpt_root / tmp_tag)}
         write_json_atomic(ckpt_root / tmp_tag / "meta.json", meta, sort_keys=True)
@@ -134,8 +141,13 @@ def refuse_unsafe_pickles(path: Path) -> None:
 
 
 def load(tm: SDTrainModule, path: Path) -> dict[str, Any]:
-    """Restore module, optimizer, teacher and RNG state; returns the per-rank extra state."""
+    """Restore module, optimizer, teacher and RNG state; returns the per-rank extra state. A checkpoint written at
+    another layout is read from its layout-independent state (`relayout.py`; RNG: rank 0's on every rank)."""
     refuse_unsafe_pickles(path)
+    if layout_changed(path, tm.dims):
+        extra = load_at_new_layout(tm, path)
+        set_rng_state(extra["rng"])
+        return extra
     rank = dist.get_rank()
     extra_path = path / f"rank_{rank:05d}.pt"
     if not extra_path.is_file():

@@ -61,7 +61,7 @@ def check_compatible(path: str | Path, model: ModelConfig) -> None:
         raise ConfigError(f"train.init_from: {path} holds another architecture: {'; '.join(diffs)}")
 
 
-def _local_shard(full: torch.Tensor, p: torch.nn.Parameter, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
+def local_shard(full: torch.Tensor, p: torch.nn.Parameter, tp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """This rank's TP part of a full weight: the inverse of the gather the export does."""
     if tp_group is None or not getattr(p, "tensor_model_parallel", False):
         return full
@@ -81,7 +81,7 @@ def load_initial_weights(gpt: torch.nn.Module, path: str | Path, model: ModelCon
     if missing:
         raise ConfigError(f"train.init_from: {path} lacks {missing[:3]} ({len(missing)} weights)")
     for name, p in gpt.named_parameters():
-        local = _local_shard(state[name], p, tp_group)
+        local = local_shard(state[name], p, tp_group)
         # ZeRO-3: gather this parameter, set it on every rank of its group, re-partition from rank 0's copy
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
             if tuple(p.shape) != tuple(local.shape):

@@ -24,9 +24,13 @@ from sdt_dist.integrity import CheckpointDamaged, verify
 MAY_CHANGE = frozenset({
     "train.out_dir", "train.max_steps", "train.lr", "train.min_lr", "train.save_interval", "train.eval_interval",
     "train.eval_samples", "train.keep_checkpoints", "train.resume", "train.max_skipped_steps",
+    "train.save_full_optimizer",
     "data.source", "data.workers", "data.verify_checksums",
 })
 MAY_CHANGE_SECTIONS = ("logging.",)
+# A resume at another layout reads the checkpoint's layout-independent state (sdt_dist/relayout.py): the
+# parallel section may then change as a whole.
+RELAYOUT_SECTIONS = ("parallel.",)
 
 
 def _unverified(path: Path, log: Callable[[str], None]) -> None:
@@ -79,16 +83,18 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_changes(saved: dict[str, Any], current: dict[str, Any], relayout: bool = False) -> list[str]:
     """Run-defining keys whose value differs, as `key: saved -> current`. A key the saved config lacks (added
-    to sdt-dist after the checkpoint was written; its default keeps the old behaviour) is not comparable."""
+    to sdt-dist after the checkpoint was written; its default keeps the old behaviour) is not comparable.
+    `relayout`: the run resumes at another parallel layout, so `parallel.*` may differ."""
+    may_change = MAY_CHANGE_SECTIONS + (RELAYOUT_SECTIONS if relayout else ())
     old, new = _flatten(saved), _flatten(current)
     return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
-            if old[k] != new[k] and k not in MAY_CHANGE and not k.startswith(MAY_CHANGE_SECTIONS)]
+            if old[k] != new[k] and k not in MAY_CHANGE and not k.startswith(may_change)]
 
 
-def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    changes = config_changes(saved, current)
+def check_config(path: Path, saved: dict[str, Any], current: dict[str, Any], relayout: bool = False) -> None:
+    changes = config_changes(saved, current, relayout)
     if changes:
         raise ConfigError(f"{', '.join(c.split(':')[0] for c in changes)}: differ from the config checkpoint {path} "
                           f"was trained with ({'; '.join(changes)}). Resume with the same values, or start a new "

@@ -62,6 +62,7 @@ class SDTrainModule:
         teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers), m.vocab_size, m.tie_embeddings,
                                m.rope_base).to(device())
         self.gpt = gpt  # under PP, only this stage's parameters keep their weights (see below)
+        self.predictors = predictors
         self.teacher_gpt = teacher_gpt
         self.frozen = 0
         dp_group = dims.dp_group if dims.dp > 1 else None
@@ -92,6 +93,14 @@ class SDTrainModule:
     def student_gpt_params(self) -> list[torch.nn.Parameter]:
         """The student parameters the EMA teacher averages (this stage's, under PP), in its order."""
         return list(self.ema_source.parameters())
+
+    def named_student_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """This stage's student and predictor parameters under names no layout changes (`gpt.<GPTModel name>`,
+        `predictors.<name>`, as in `Student`)."""
+        local = {id(p) for p in self.student.parameters()}
+        named = [(f"gpt.{n}", p) for n, p in self.gpt.named_parameters()]
+        named += [(f"predictors.{n}", p) for n, p in self.predictors.named_parameters()]
+        return [(n, p) for n, p in named if id(p) in local]
 
     @property
     def no_grad_prefix(self) -> int:

@@ -35,6 +35,7 @@ from sdt_dist.parallel.pipeline import batch_to_pipe
 from sdt_dist.plan.measure import PlanCheck
 from sdt_dist.progress import StepClock
 from sdt_dist.resume import check_config, choose_on_all_ranks
+from sdt_dist.resume_layout import layout_changed, saved_layout
 from sdt_dist.run_lock import lock_run_dir
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import StepResult, train_step
@@ -149,11 +150,12 @@ class Trainer:
         if meta["tokenizer_sha256"] != self.tokenizer_sha:
             raise RuntimeError(f"checkpoint {path} was trained with another tokenizer "
                                f"({meta['tokenizer_sha256'][:12]} vs {self.tokenizer_sha[:12]})")
-        check_config(path, meta["config"], self.cfg.to_dict())
+        relayout = layout_changed(path, self.dims)
+        check_config(path, meta["config"], self.cfg.to_dict(), relayout)
         extra = checkpoint.load(self.tm, path)
         self.step, self.consumed = extra["step"], extra["consumed_samples"]
         log0(f"resumed from {path} at step {self.step} ({self.consumed} samples consumed, "
-             f"{self.tm.frozen} layers frozen)")
+             f"{self.tm.frozen} layers frozen)" + (f", written at {saved_layout(path)}" if relayout else ""))
 
     def save(self) -> None:
         path = checkpoint.save(self.tm, self.ckpt_root, self.step, self.consumed, self._meta(),

@@ -182,6 +182,19 @@ class EmaTeacher:
         self.shard.copy_(state["shard"].to(self.shard.device))
         self._copied.clear()
 
+    @torch.no_grad()
+    def load_full_parameters(self, values: list[torch.Tensor]) -> None:
+        """Take this rank's slice of whole teacher parameters (this TP shard's, in `params` order): how a run at
+        another data-parallel size takes over the teacher of a checkpoint (`sdt_dist/relayout.py`)."""
+        if [v.numel() for v in values] != self.numels:
+            raise ValueError("teacher values do not match this rank's teacher parameters")
+        self.shard.zero_()
+        for i, v in enumerate(values):
+            start = self.dp_rank * self.parts[i]
+            part = v.detach().reshape(-1)[start:start + self.parts[i]]
+            self._shard_slice(i, part.numel()).copy_(part)
+        self._copied.clear()
+
     def local_numel(self) -> int:
         return self.shard.numel()
 

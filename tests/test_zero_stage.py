@@ -44,3 +44,24 @@ def test_tiny_yaml_trains_two_steps_under_zero_3(single_rank):
     assert tm.engine.zero_optimization_stage() == 3
     losses = [train_step(tm, [random_batch(cfg, s)], s) for s in range(2)]
     assert all(not r.skipped and math.isfinite(r.loss) for r in losses)
+
+
+
+def test_zero3_parameters_get_weight_decay_by_their_full_shape(single_rank):
+    """A ZeRO-3 parameter's own tensor is a 1-D partition: grouped by it, no matrix would get weight decay, and
+    the groups would change with what happens to be gathered (a resume after freezing then fails to load)."""
+    import dataclasses
+
+    from sdt_dist.parallel.engine import param_groups
+    from sdt_dist.train_module import SDTrainModule
+    from tests.helpers import make_cfg
+
+    tm = SDTrainModule(make_cfg("parallel.zero_stage=3"), dataclasses.replace(single_rank, zero_stage=3))
+    named = list(tm.student.named_parameters())
+    assert all(p.ndim == 1 for _, p in named)  # partitioned
+    decay, no_decay = param_groups(named, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for _, p in named if len(p.ds_shape) >= 2}
+    assert len(decay["params"]) > 4 * 4  # qkv, proj, fc1, fc2 of 4 layers, embedding, head, predictors
+    assert len(tm.engine.optimizer.optimizer.param_groups) == 2
+    tm.engine.destroy()

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from _cli import add_input_args  # also puts the repository on sys.path
+from _cli import add_input_args, corpus_spec  # also puts the repository on sys.path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = build_shards(
-            args.input, args.out, args.tokenizer, workers=args.workers, text_field=args.text_field,
-            valid_fraction=args.valid_fraction, seed=args.seed, docs_per_shard=args.docs_per_shard,
-            shard_size_mb=args.shard_size_mb, txt_unit=args.txt_unit, hf_config=args.hf_config,
-            hf_split=args.hf_split, progress=not args.no_progress, command=list(sys.argv),
+            corpus_spec(args), args.out, args.tokenizer, workers=args.workers, valid_fraction=args.valid_fraction,
+            seed=args.seed, docs_per_shard=args.docs_per_shard, shard_size_mb=args.shard_size_mb,
+            progress=not args.no_progress, command=list(sys.argv),
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

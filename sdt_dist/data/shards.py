@@ -23,16 +23,13 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import multiprocessing
 import os
 import re
 import shutil
 import sys
 import time
-import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,19 +38,21 @@ import numpy as np
 from tqdm import tqdm
 
 from sdt_dist.atomic import write_json_atomic
-from sdt_dist.data._encode import EncodedChunk, encode_chunk, init_worker
+from sdt_dist.data._encode import EncodedChunk
+from sdt_dist.data.build_resume import check_same_build, diff, keep_finished, read_files_log
+from sdt_dist.data.encoder_pool import EncoderPool, chunks
 from sdt_dist.data.errors import DataError
 from sdt_dist.data.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     check_files,
-    files_sha256,
     manifest_checksum,
     manifest_files,
     read_manifest,
 )
 from sdt_dist.data.read_progress import ReadProgress
-from sdt_dist.data.sources import Corpus, iter_documents, resolve_corpus
+from sdt_dist.data.shard_writer import ShardWriter
+from sdt_dist.data.sources import Corpus, CorpusSpec, iter_documents, resolve_corpus
 from sdt_dist.data.tokenizer import CARD_NAME, MODEL_NAME, Tokenizer, card_path, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -122,187 +121,6 @@ class BuildReport:
         return "; ".join(parts) + "; " + run
 
 
-class _ShardWriter:
-    """Writes one split's shards in order, at most one (under a temporary name) open at a time."""
-
-    def __init__(
-        self,
-        out: Path,
-        split: str,
-        index: int,
-        start_doc: int,
-        dtype: type[np.integer],
-        docs_per_shard: int | None,
-        shard_bytes: int | None,
-        records_dir: Path,
-    ) -> None:
-        self.out, self.split, self.dtype = out, split, dtype
-        self.docs_per_shard, self.shard_bytes, self.records_dir = docs_per_shard, shard_bytes, records_dir
-        self.itemsize = np.dtype(dtype).itemsize
-        self._reset(index, start_doc)
-
-    def _reset(self, index: int, start_doc: int) -> None:
-        self.index, self.start_doc = index, start_doc
-        self.docs = self.tokens = self.skipped_empty = self.invalid_utf8 = 0
-        self.last_doc = start_doc - 1
-        self._builder: Any = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.index:05d}"
-
-    def _tmp(self, ext: str) -> Path:
-        return self.out / f"{self.name}.tmp.{ext}"
-
-    def skip_empty(self, invalid_utf8: bool) -> None:
-        # Counted in the shard whose document range the empty document falls in.
-        self.skipped_empty += 1
-        self.invalid_utf8 += invalid_utf8
-
-    def add(self, tokens: np.ndarray, doc: int, invalid_utf8: bool) -> dict[str, Any] | None:
-        """Append one document; returns the shard's record when this document completed it."""
-        if self._builder is None:
-            with warnings.catch_warnings():  # megatron-core warns at import about optional fused kernels
-                warnings.simplefilter("ignore")
-                from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-            self._builder = IndexedDatasetBuilder(str(self._tmp("bin")), dtype=self.dtype)
-        # One sequence per document (lengths=[n], never [0]: empty documents were skipped upstream).
-        self._builder.add_document(tokens, [len(tokens)])
-        self.docs += 1
-        self.tokens += len(tokens)
-        self.invalid_utf8 += invalid_utf8
-        self.last_doc = doc
-        full_docs = self.docs_per_shard is not None and self.docs >= self.docs_per_shard
-        full_bytes = self.shard_bytes is not None and self.tokens * self.itemsize >= self.shard_bytes
-        return self.close() if full_docs or full_bytes else None
-
-    def close(self) -> dict[str, Any]:
-        tmp_bin, tmp_idx = self._tmp("bin"), self._tmp("idx")
-        self._builder.finalize(str(tmp_idx))
-        # No fsync needed: a resume re-checks the sha256 of every recorded shard before keeping it.
-        shas = files_sha256([tmp_bin, tmp_idx])
-        files = {}
-        for tmp, sha in zip((tmp_bin, tmp_idx), shas, strict=True):
-            final = self.out / f"{self.name}.{tmp.suffix[1:]}"
-            files[final.name] = {"bytes": tmp.stat().st_size, "sha256": sha}
-            os.replace(tmp, final)
-        record = {
-            "name": self.name,
-            "split": self.split,
-            "index": self.index,
-            "first_doc": self.start_doc,
-            "end_doc": self.last_doc + 1,
-            "docs": self.docs,
-            "tokens": self.tokens,
-            "skipped_empty": self.skipped_empty,
-            "invalid_utf8_replaced": self.invalid_utf8,
-            "files": files,
-        }
-        write_json_atomic(self.records_dir / f"{self.name}.json", record, sort_keys=True)
-        self._reset(self.index + 1, self.last_doc + 1)
-        return record
-
-
-class _Encoder:
-    """encode_chunk in ``workers`` spawned processes, or in this process when ``workers == 0``."""
-
-    def __init__(self, workers: int, model_path: Path, dtype: type[np.integer]) -> None:
-        model, dtype_name = str(model_path), np.dtype(dtype).name
-        self._pool: ProcessPoolExecutor | None = None
-        if workers > 0:
-            # spawn, not fork: the parent runs pyarrow and tqdm threads whose locks a fork would copy.
-            # ProcessPoolExecutor rather than Pool: a worker killed by the OOM killer raises, not hangs.
-            self._pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                initargs=(model, dtype_name, os.getpid()),
-            )
-        else:
-            init_worker(model, dtype_name)
-
-    def submit(self, texts: list[str]) -> Future[EncodedChunk]:
-        if self._pool is not None:
-            return self._pool.submit(encode_chunk, texts)
-        done: Future[EncodedChunk] = Future()
-        done.set_result(encode_chunk(texts))
-        return done
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _chunks(batches: Iterable[list[str]], chunk_chars: int) -> Iterator[list[str]]:
-    """Regroup reader batches into chunks of about ``chunk_chars`` characters."""
-    chunk: list[str] = []
-    size = 0
-    for texts in batches:
-        for text in texts:
-            chunk.append(text)
-            size += len(text)
-            if size >= chunk_chars:
-                yield chunk
-                chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
-
-
-def _check_same_build(
-    manifest: dict[str, Any], path: Path, settings: dict[str, Any], tok: Tokenizer, corpus: Corpus
-) -> None:
-    """A finished directory may only be reused (or repaired) for the very same build."""
-    files = [{"path": f["path"], "bytes": f.get("bytes")} for f in manifest["input"]["files"]]
-    now = [
-        {"path": d.get("path", f"hf:{d.get('hub')}"), "bytes": d.get("bytes")} for d in corpus.describe()
-    ]
-    problems = []
-    if manifest["settings"] != settings:
-        problems.append(_diff(manifest["settings"], settings))
-    if manifest["tokenizer"]["sha256"] != tok.sha256:
-        problems.append(f"tokenizer {manifest['tokenizer']['source']} then, {tok.path} (different sha256) now")
-    if files != now:
-        problems.append("the input files differ")
-    if problems:
-        raise DataError(
-            f"{path}: this directory was prepared differently ({'; '.join(problems)}); "
-            "use another --out or delete it"
-        )
-
-
-def _read_files_log(path: Path) -> dict[int, int]:
-    counts = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:  # the last line of a killed run may be cut short
-                continue
-            counts[entry["file"]] = entry["docs"]
-    return counts
-
-
-def _keep_finished(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Of the recorded shards, keep per split the run from index 0 whose files are intact."""
-    kept = []
-    for split in SPLITS:
-        ordered = sorted((r for r in records.values() if r["split"] == split), key=lambda r: r["index"])
-        for expected, record in enumerate(ordered):
-            if record["index"] != expected:
-                break
-            entries = [(name, meta["bytes"], meta["sha256"]) for name, meta in record["files"].items()]
-            try:
-                check_files(out, entries, quick=False)
-            except DataError as e:
-                logger.warning("rebuilding from %s on: %s", record["name"], e)
-                break
-            kept.append(record)
-    return kept
-
-
 def _copy_tokenizer(tok: Tokenizer, out: Path) -> Path:
     """Put the tokenizer inside the prepared directory so that it is self-contained."""
     tok_dir = out / TOKENIZER_DIR
@@ -318,24 +136,21 @@ def _copy_tokenizer(tok: Tokenizer, out: Path) -> Path:
 
 
 def build_shards(
-    source: str | list[str],
+    corpus: CorpusSpec | str | list[str],
     out_dir: str | Path,
     tokenizer_model: str | Path,
     *,
     workers: int = 1,
-    text_field: str = "text",
     valid_fraction: float = 0.05,
     seed: int = 1234,
     docs_per_shard: int | None = None,
     shard_size_mb: float | None = None,
-    txt_unit: str = "paragraph",
-    hf_config: str | None = None,
-    hf_split: str = "train",
     progress: bool = True,
     command: list[str] | None = None,
 ) -> BuildReport:
-    """Tokenize ``source`` into shards under ``out_dir``; resumes an interrupted build, and returns at
-    once when the directory already holds this build, verified.
+    """Tokenize ``corpus`` (a CorpusSpec, or a bare source read with its defaults) into shards under
+    ``out_dir``; resumes an interrupted build, and returns at once when the directory already holds this
+    build, verified.
 
     ``tokenizer_model``: a ``.model`` file, a directory holding ``tokenizer.model``, or a prepared
     directory. Shards close at ``docs_per_shard`` documents, else at ``shard_size_mb`` MB (default 256).
@@ -355,20 +170,12 @@ def build_shards(
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = resolve_corpus(source, text_field=text_field, hf_config=hf_config, hf_split=hf_split,
-                            txt_unit=txt_unit)
+    spec = CorpusSpec.of(corpus)
+    resolved = resolve_corpus(spec)
     tok = load_tokenizer(tokenizer_model)
     dtype: type[np.integer] = np.uint16 if tok.vocab_size < _UINT16_VOCAB_LIMIT else np.int32
-    settings = {
-        "text_field": text_field,
-        "valid_fraction": valid_fraction,
-        "seed": seed,
-        "docs_per_shard": docs_per_shard,
-        "shard_size_mb": shard_size_mb,
-        "txt_unit": txt_unit,
-        "hf_config": hf_config,
-        "hf_split": hf_split,
-    }
+    settings = {**spec.settings(), "valid_fraction": valid_fraction, "seed": seed, "docs_per_shard": docs_per_shard,
+                "shard_size_mb": shard_size_mb}
 
     records: dict[str, dict[str, Any]] = {}
     file_docs: dict[int, int] = {}
@@ -379,7 +186,7 @@ def build_shards(
         except DataError as e:  # nothing in it can be trusted: rebuild everything
             logger.warning("%s; rebuilding", e)
         else:
-            _check_same_build(old, manifest_path, settings, tok, corpus)
+            check_same_build(old, manifest_path, settings, tok, resolved)
             try:
                 check_files(out, manifest_files(old), quick=False)
                 return BuildReport(out, old, time.perf_counter() - started, 0, 0, None, True)
@@ -399,14 +206,14 @@ def build_shards(
         lock.close()
         raise DataError(f"{out}: another build is writing this directory") from None
     try:
-        state = {"settings": settings, "tokenizer_sha256": tok.sha256, "input": corpus.describe()}
+        state = {"settings": settings, "tokenizer_sha256": tok.sha256, "input": resolved.describe()}
         state_path = progress_dir / "state.json"
         if state_path.exists():
             previous = json.loads(state_path.read_text(encoding="utf-8"))
             if previous != state:
                 raise DataError(
                     f"{out}: holds an unfinished build with other settings, tokenizer or input "
-                    f"({_diff(previous, state)}); resume it with the original arguments or use another --out"
+                    f"({diff(previous, state)}); resume it with the original arguments or use another --out"
                 )
         else:
             write_json_atomic(state_path, state, sort_keys=True)
@@ -417,7 +224,7 @@ def build_shards(
                 continue
             records[record["name"]] = record
         return _build(
-            corpus, out, tok, dtype, settings, records, file_docs, progress_dir, workers, progress,
+            resolved, out, tok, dtype, settings, records, file_docs, progress_dir, workers, progress,
             command if command is not None else list(sys.argv), started,
         )
     finally:
@@ -439,7 +246,7 @@ def _build(
     started: float,
 ) -> BuildReport:
     records_dir = progress_dir / "shards"
-    kept = _keep_finished(out, records)
+    kept = keep_finished(out, records, SPLITS)
     kept_names = {r["name"] for r in kept}
     # Whatever is not a kept shard goes: partial temporaries, shards renamed but not yet recorded,
     # shards after a damaged one. Only our own file names are touched.
@@ -457,7 +264,7 @@ def _build(
     writers = {}
     for split in SPLITS:
         done = [r for r in kept if r["split"] == split]
-        writers[split] = _ShardWriter(
+        writers[split] = ShardWriter(
             out, split, len(done), done[-1]["end_doc"] if done else 0, dtype, settings["docs_per_shard"],
             None if settings["shard_size_mb"] is None else int(settings["shard_size_mb"] * 2**20), records_dir,
         )
@@ -465,7 +272,7 @@ def _build(
     start = min(resume_train, resume_valid)
 
     files_log = progress_dir / "files.jsonl"
-    file_docs = {**file_docs, **_read_files_log(files_log)}
+    file_docs = {**file_docs, **read_files_log(files_log)}
     file_counts: dict[int, int] = {}
     new_records: list[dict[str, Any]] = []
     with open(files_log, "a", encoding="utf-8") as log:
@@ -477,7 +284,7 @@ def _build(
                 log.flush()
 
         batches = iter_documents(corpus, start=start, file_docs=file_docs, on_file_done=file_done)
-        encoder = _Encoder(workers, tok.path, dtype)
+        encoder = EncoderPool(workers, tok.path, dtype)
         # percent of the input's bytes read (local files), else a count of documents (a hub dataset)
         reading = ReadProgress(corpus)
         bar = tqdm(desc="tokenizing", total=reading.total, unit="B" if reading.total else " docs",
@@ -508,7 +315,7 @@ def _build(
 
         doc = start
         try:
-            for texts in _chunks(batches, _CHUNK_CHARS):
+            for texts in chunks(batches, _CHUNK_CHARS):
                 idx = np.arange(doc, doc + len(texts), dtype=np.int64)
                 doc += len(texts)
                 valid = assign_valid(idx, settings["seed"], settings["valid_fraction"])

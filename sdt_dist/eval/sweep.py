@@ -48,13 +48,11 @@ def prepare_data(spec: SweepSpec) -> None:
     """Prepare the base config's corpus once, before any arm: arms then train with data.source unset, so
     the train/valid split is fixed by the base config's seed, not by each arm's train.seed."""
     cfg = load_config(spec.base, spec.overrides)
-    d = cfg.data
-    if d.source is None:
+    if cfg.data.source is None:
         return
-    from sdt_dist.data.prepare import prepare_corpus
+    from sdt_dist.data.prepare import prepare_configured
 
-    prepare_corpus(d.source, d.prepared[0], tokenizer_model=d.tokenizer, vocab_size=d.tokenizer_vocab_size,
-                   workers=d.workers, text_field=d.text_field, valid_fraction=d.valid_fraction, seed=cfg.train.seed)
+    prepare_configured(cfg)
 
 
 def launch_training(spec: SweepSpec, arm: Arm) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from sdt_dist.config import ConfigError, load_config
 from sdt_dist.eval.sweep_spec import Arm, SweepSpec, arms, load_spec
 from sdt_dist.eval.sweep_tables import write_outputs
+from sdt_dist.paths import default_accelerator_env
 
 # Left by an in-process torch.distributed init (evaluation); a launcher must set its own.
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -133,10 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the arms and their state, run nothing")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild tables from existing eval.json files")
     args = p.parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    default_accelerator_env()
     try:
         spec = load_spec(args.sweep)
         spec.overrides += args.overrides

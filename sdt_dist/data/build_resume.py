@@ -1,9 +1,8 @@
 """What an interrupted or finished shard build left behind, and whether it may be reused: the same settings,
-tokenizer and input; shards whose files still verify; per-file document counts that let a resume skip files."""
+tokenizer and input; shards whose files still verify."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -41,18 +40,6 @@ def check_same_build(
             f"{path}: this directory was prepared differently ({'; '.join(problems)}); "
             "use another --out or delete it"
         )
-
-
-def read_files_log(path: Path) -> dict[int, int]:
-    counts = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:  # the last line of a killed run may be cut short
-                continue
-            counts[entry["file"]] = entry["docs"]
-    return counts
 
 
 def keep_finished(out: Path, records: dict[str, dict[str, Any]], splits: tuple[str, ...]) -> list[dict[str, Any]]:

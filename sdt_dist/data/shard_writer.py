@@ -27,8 +27,9 @@ class ShardWriter:
         docs_per_shard: int | None,
         shard_bytes: int | None,
         records_dir: Path,
+        prefix: str = "",
     ) -> None:
-        self.out, self.split, self.dtype = out, split, dtype
+        self.out, self.split, self.dtype, self.prefix = out, split, dtype, prefix
         self.docs_per_shard, self.shard_bytes, self.records_dir = docs_per_shard, shard_bytes, records_dir
         self.itemsize = np.dtype(dtype).itemsize
         self._reset(index, start_doc)
@@ -41,7 +42,7 @@ class ShardWriter:
 
     @property
     def name(self) -> str:
-        return f"{self.split}-{self.index:05d}"
+        return f"{self.prefix}{self.split}-{self.index:05d}"
 
     def _tmp(self, ext: str) -> Path:
         return self.out / f"{self.name}.tmp.{ext}"

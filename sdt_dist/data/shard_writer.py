@@ -4,18 +4,19 @@ finished shard leaves a record (its document range and files' sha256) for a resu
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sdt_dist.atomic import write_json_atomic
+from sdt_dist.data.indexed_writer import IndexedWriter
 from sdt_dist.data.manifest import files_sha256
 
 
 class ShardWriter:
-    """Writes one split's shards in order, at most one (under a temporary name) open at a time."""
+    """Writes one split's shards in order, at most one (under a temporary name) open at a time; ``prefix``
+    (a slice's) goes before the names."""
 
     def __init__(
         self,
@@ -38,7 +39,7 @@ class ShardWriter:
         self.index, self.start_doc = index, start_doc
         self.docs = self.tokens = self.skipped_empty = self.invalid_utf8 = 0
         self.last_doc = start_doc - 1
-        self._builder: Any = None
+        self._builder: IndexedWriter | None = None
 
     @property
     def name(self) -> str:
@@ -55,12 +56,9 @@ class ShardWriter:
     def add(self, tokens: np.ndarray, doc: int, invalid_utf8: bool) -> dict[str, Any] | None:
         """Append one document; returns the shard's record when this document completed it."""
         if self._builder is None:
-            with warnings.catch_warnings():  # megatron-core warns at import about optional fused kernels
-                warnings.simplefilter("ignore")
-                from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-            self._builder = IndexedDatasetBuilder(str(self._tmp("bin")), dtype=self.dtype)
-        # One sequence per document (lengths=[n], never [0]: empty documents were skipped upstream).
-        self._builder.add_document(tokens, [len(tokens)])
+            self._builder = IndexedWriter(str(self._tmp("bin")), self.dtype)
+        # One sequence per document (never empty: empty documents were skipped upstream).
+        self._builder.add_document(tokens)
         self.docs += 1
         self.tokens += len(tokens)
         self.invalid_utf8 += invalid_utf8
@@ -71,6 +69,7 @@ class ShardWriter:
 
     def close(self) -> dict[str, Any]:
         tmp_bin, tmp_idx = self._tmp("bin"), self._tmp("idx")
+        assert self._builder is not None, "close() of a shard without documents"
         self._builder.finalize(str(tmp_idx))
         # No fsync needed: a resume re-checks the sha256 of every recorded shard before keeping it.
         shas = files_sha256([tmp_bin, tmp_idx])

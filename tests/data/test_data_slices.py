@@ -222,3 +222,21 @@ def test_merge_command_line(
     assert {k: v for k, v in manifest.items() if k not in ("command", "manifest_sha256")} == \
         {k: v for k, v in whole.manifest.items() if k not in ("command", "manifest_sha256")}
     assert main(["--merge", str(tmp_path / "part_1"), "--out", str(tmp_path / "bad")]) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_indexed_writer_writes_what_megatron_core_writes(dtype: type[np.integer], tmp_path: Path) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from sdt_dist.data.indexed_writer import IndexedWriter
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 60000, size=n).astype(dtype) for n in (1, 7, 300, 2)]
+    ours, theirs = IndexedWriter(str(tmp_path / "a.bin"), dtype), IndexedDatasetBuilder(str(tmp_path / "b.bin"), dtype)
+    for doc in docs:
+        ours.add_document(doc)
+        theirs.add_document(doc, [len(doc)])
+    ours.finalize(str(tmp_path / "a.idx"))
+    theirs.finalize(str(tmp_path / "b.idx"))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"a.{ext}").read_bytes() == (tmp_path / f"b.{ext}").read_bytes()

@@ -159,7 +159,8 @@ def build_shards(
         raise DataError("docs_per_shard and shard_size_mb must be positive")
     if slice_mb <= 0:
         raise DataError(f"slice_mb must be positive, not {slice_mb}")
-    part = parse_part(part) if isinstance(part, str) else part
+    if part is not None:
+        part = parse_part(part if isinstance(part, str) else f"{part[0]}/{part[1]}")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ def _next_cut(f: Any, pos: int, size: int, unit: str) -> int:
         f.seek(pos - back)
         window = f.read(_WINDOW + 2)
         if unit == "paragraph":
-            for m in re.finditer(rb"[^\r\n]\n\n", window):
+            m = re.search(rb"[^\r\n]\n\n", window)
+            if m:
                 return pos - back + m.start() + 3
         else:
             k = window.find(b"\n")

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from _cli import add_input_args  # also puts the repository on sys.path
+from _cli import add_input_args, corpus_spec  # also puts the repository on sys.path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         model = train_tokenizer(
-            args.input, args.out, vocab_size=args.vocab_size, sample_mb=args.sample_mb,
-            text_field=args.text_field, hf_config=args.hf_config, hf_split=args.hf_split,
-            txt_unit=args.txt_unit, threads=args.workers,
+            corpus_spec(args), args.out, vocab_size=args.vocab_size, sample_mb=args.sample_mb, threads=args.workers,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

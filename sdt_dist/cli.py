@@ -22,15 +22,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _world_size_from_env() -> int | None:
-    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: only srun steps set it; a batch script's SLURM_NTASKS is the
-    # allocation's task count even when it runs a single process (same order as dims.init_distributed).
-    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return None
-
-
 def train_main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -39,7 +30,9 @@ def train_main(argv: list[str] | None = None) -> None:
             from sdt_dist.init_from import check_compatible
 
             check_compatible(cfg.train.init_from, cfg.model)
-        world = _world_size_from_env()
+        from sdt_dist.parallel.dims import launcher_world_size
+
+        world = launcher_world_size()
         if world is not None:  # the layout is checked before any process group exists
             check_layout(cfg, world)
         if not args.print_config:  # no launcher: init_distributed starts a one-process world
@@ -81,3 +74,7 @@ def train_main(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+if __name__ == "__main__":
+    train_main()

@@ -1,4 +1,5 @@
-"""Where corpora are found: the OpenWebText-1000 sample shipped in `data/`, and the shared data folder.
+"""Environment and path defaults, in one place: where corpora are found (the OpenWebText-1000 sample shipped in
+`data/`, the shared data folder), and DeepSpeed's accelerator for the in-process tools.
 
 `SDT_SHARED_DATA` names a folder of corpora (WikiText-2, Tiny Shakespeare, OpenWebText-1000, ...); unset,
 it defaults to `../shared/data` beside the checkout. OpenWebText-1000 is taken from there when the variable
@@ -32,3 +33,13 @@ def expand_vars(text: str) -> str:
     whether the user set the variable."""
     env = {**os.environ, "SDT_SHARED_DATA": str(shared_data_dir())}
     return _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def default_accelerator_env() -> None:
+    """`DS_ACCELERATOR=cpu` unless set or CUDA is present: DeepSpeed's accelerator must match the device that
+    sdt-eval and sdt-sweep evaluate on (the trainer's launchers set it themselves)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+

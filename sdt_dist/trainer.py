@@ -23,7 +23,7 @@ from sdt_dist.config import Config, adopt_legacy_values
 from sdt_dist.data.errors import DataError
 from sdt_dist.data.loader import MicroBatchIterator, build_datasets
 from sdt_dist.data.manifest import verify_prepared
-from sdt_dist.data.prepare import prepare_corpus
+from sdt_dist.data.prepare import prepare_configured
 from sdt_dist.data.tokenizer import check_vocab, load_tokenizer
 from sdt_dist.distill.losses import lm_loss
 from sdt_dist.eval.compute import layer_params, step_flops
@@ -64,9 +64,7 @@ def prepare_data(cfg: Config, dims: ParallelDims) -> list[str]:
     prepared file's size and sha256 against its manifest; a bad file stops every rank before training."""
     d = cfg.data
     if d.source is not None:
-        _on_rank0_then_all(dims, lambda: prepare_corpus(
-            d.source, d.prepared[0], tokenizer_model=d.tokenizer, vocab_size=d.tokenizer_vocab_size,
-            workers=d.workers, text_field=d.text_field, valid_fraction=d.valid_fraction, seed=cfg.train.seed))
+        _on_rank0_then_all(dims, lambda: prepare_configured(cfg))
     else:
         _on_rank0_then_all(dims, lambda: [verify_prepared(p, quick=not d.verify_checksums) for p in d.prepared])
     for prepared in d.prepared:

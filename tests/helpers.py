@@ -1,17 +1,22 @@
-"""Shared test helpers: small configs, synthetic batches, and real multi-process launches."""
+"""Shared test helpers: small configs, synthetic batches, real multi-process launches, and the launch-layer
+tests' small runs (arguments, stub Slurm commands on PATH, signalled jobs)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from sdt_dist.config import Config, load_config
+from sdt_dist.model import GPTModel, student_layer_specs, transformer_config
 from sdt_dist.paths import owt1000
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +40,20 @@ def random_batch(cfg: Config, seed: int, batch: int | None = None) -> dict[str, 
     mask = torch.ones(b, cfg.model.seq_length)
     mask[0, -3:] = 0.0  # some padding, so that "mean over non-padding tokens" is exercised
     return {"tokens": toks[:, :-1], "labels": toks[:, 1:], "loss_mask": mask}
+
+
+def tiny_model(cfg: Config, seed: int = 0) -> GPTModel:
+    """An eval-mode model with random weights, a larger init than 0.02 so that layers matter (needs the
+    `single_rank` fixture)."""
+    m = cfg.model
+    torch.manual_seed(seed)
+    gpt = GPTModel(transformer_config(m, cfg.parallel), student_layer_specs([0.0] * m.num_layers), m.vocab_size,
+                   m.tie_embeddings, m.rope_base)
+    with torch.no_grad():
+        for p in gpt.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    return gpt.eval()
 
 
 def free_port() -> int:
@@ -95,3 +114,62 @@ def run_job(out_dir: Path, prepared: Path, *overrides: str, nproc: int = 1,
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+STUBS = REPO / "tests" / "launch" / "stubs"  # stand-ins for Slurm commands
+# The small run variant of every launch test: tiny.yaml with short sequences and few steps.
+SMALL = ["model.seq_length=64", "train.save_interval=4", "logging.log_interval=1"]
+
+
+def train_args(corpus: Path, out_dir: Path, *overrides: str) -> list[str]:
+    """Arguments of launchers/pretrain_owt.py for a small run into out_dir."""
+    args = ["--config", "launchers/configs/tiny.yaml", "--set", "data.source=null",
+            "--set", f"data.prepared=[{corpus}]", "--set", f"train.out_dir={out_dir}"]
+    for o in [*SMALL, *overrides]:
+        args += ["--set", o]
+    return args
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """worker_env() with the stub Slurm commands first on PATH and this interpreter's environment
+    (deepspeed, mpi4py) next, whatever shell PATH pytest was started from."""
+    env = worker_env()
+    env["PATH"] = os.pathsep.join([str(STUBS), str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["SDT_VENV"] = sys.prefix  # the batch scripts activate this virtualenv (a no-op outside one)
+    env.update(extra)
+    return env
+
+
+def run_logged(cmd: Sequence[str], log: Path, env: dict[str, str], timeout: int = 300) -> int:
+    """Run a launcher to completion in its own session (so a timeout kills every rank); return its status."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"{' '.join(cmd)} ran over {timeout} s\n{log.read_text()[-5000:]}") from None
+
+
+def signal_after_first_checkpoint(cmd: Sequence[str], log: Path, env: dict[str, str], out_dir: Path,
+                                  sig: signal.Signals) -> tuple[int, str]:
+    """Start a launcher in its own session, send `sig` to it alone (as Slurm or `docker stop` would) once the
+    run's first checkpoint exists (training under way, handlers installed); return (status, log text)."""
+    latest = out_dir / "checkpoints" / "latest"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not latest.is_file():
+            assert proc.poll() is None, f"ended before its first checkpoint:\n{log.read_text()[-5000:]}"
+            assert time.time() < deadline, log.read_text()[-5000:]
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return rc, log.read_text()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.eval.evalhelpers import tiny_model
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, tiny_model
 
 
 @pytest.fixture(scope="module", params=["true", "false"], ids=["tied", "untied"])

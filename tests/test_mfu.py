@@ -6,8 +6,7 @@ import torch
 from sdt_dist.config import ConfigError
 from sdt_dist.eval.compute import layer_params, parameter_counts, schedule_flops, step_flops
 from sdt_dist.mfu import mfu, peak_flops
-from tests.eval.evalhelpers import tiny_model
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, tiny_model
 
 
 @pytest.mark.parametrize("ffn", ["null", "40"])

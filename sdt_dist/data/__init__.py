@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_tokenizer": "tokenizer",
     "check_vocab": "tokenizer",
     "build_shards": "shards",
+    "merge_parts": "assemble",
     "prepare_corpus": "prepare",
     "build_datasets": "loader",
     "MicroBatchIterator": "loader",

@@ -71,8 +71,6 @@ def build_datasets(
     num_valid_samples: int,
     cache_dir: str | Path | None = None,
     is_built_on_rank: Callable[[], bool] | None = None,
-    barrier: Callable[[], None] | None = None,
-    rank: int | None = None,
 ) -> tuple[Dataset, Dataset | None]:
     """Train and valid datasets of ``seq_length``-token samples over prepared directories.
 
@@ -83,8 +81,7 @@ def build_datasets(
 
     Index caches go to a subdirectory, named by the data's checksums, of ``cache_dir`` (default: the
     first directory's ``cache/``). With torch.distributed initialised, every rank must call this:
-    megatron-core builds the caches on rank 0 first. Without it, pass ``barrier`` so that ``rank`` 0
-    (default: $RANK, else 0) builds them before the other processes read them.
+    megatron-core builds the caches on rank 0 first.
     """
     dirs = [Path(prepared_dirs)] if isinstance(prepared_dirs, str | Path) else [Path(d) for d in prepared_dirs]
     if not dirs:
@@ -124,20 +121,9 @@ def build_datasets(
     )
     sizes = [num_train_samples, num_valid_samples or None, None]
 
-    def build() -> list[Any]:
-        builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
-        with _process_group_for_megatron():
-            return builder.build()
-
-    if torch.distributed.is_initialized() or barrier is None:
-        train, valid, _ = build()
-    else:
-        rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-        if rank == 0:
-            train, valid, _ = build()
-        barrier()
-        if rank != 0:
-            train, valid, _ = build()
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_built_on_rank or (lambda: True), config)
+    with _process_group_for_megatron():
+        train, valid, _ = builder.build()
     return train, valid
 
 

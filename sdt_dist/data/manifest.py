@@ -13,7 +13,9 @@ from typing import Any
 from sdt_dist.data.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "sdt-dist-shards/1"
+MANIFEST_FORMAT = "sdt-dist-shards/2"
+# Format 1 (before 2026-12-02) split by the 0-based input index and had no slices; its directories still load.
+READABLE_FORMATS = ("sdt-dist-shards/1", MANIFEST_FORMAT)
 REBUILD_HINT = "re-run data_prep/build_owt_shards.py with the same arguments to rebuild it"
 
 
@@ -48,9 +50,9 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: unknown manifest format {found!r} (expected {MANIFEST_FORMAT!r})")
+        raise DataError(f"{path}: unknown manifest format {found!r} (expected one of {READABLE_FORMATS})")
     # The manifest vouches for every other file; its own checksum catches an edit to it.
     if manifest.get("manifest_sha256") != manifest_checksum(manifest):
         raise DataError(f"{path}: altered (its content does not match its manifest_sha256); {REBUILD_HINT}")

@@ -6,33 +6,35 @@ import logging
 import sys
 from pathlib import Path
 
+from sdt_dist.config import Config
 from sdt_dist.data.errors import DataError
 from sdt_dist.data.manifest import MANIFEST_NAME, read_manifest, verify_prepared
 from sdt_dist.data.shards import TOKENIZER_DIR, build_shards
+from sdt_dist.data.sources import CorpusSpec
 from sdt_dist.data.tokenizer import MODEL_NAME, train_tokenizer, trained_tokenizer_ok
 
 logger = logging.getLogger(__name__)
 
 
 def prepare_corpus(
-    source: str | list[str],
+    corpus: CorpusSpec | str | list[str],
     out_dir: str | Path,
     *,
     tokenizer_model: str | None = None,
     vocab_size: int = 50000,
     workers: int = 1,
-    text_field: str = "text",
     valid_fraction: float = 0.05,
     seed: int = 1234,
     progress: bool = True,
 ) -> Path:
-    """Make ``out_dir`` a verified prepared corpus of ``source`` and return it.
+    """Make ``out_dir`` a verified prepared corpus of ``corpus`` (a CorpusSpec or a bare source) and return it.
 
     Returns at once when ``out_dir/manifest.json`` exists and every file verifies. Otherwise trains a
     ``vocab_size`` tokenizer into ``out_dir/tokenizer/`` (unless ``tokenizer_model`` is given, or one
     of that size is already there) and builds the shards, resuming whatever an earlier call left.
     Call it on one rank only; the other ranks should wait (barrier) and then read the directory.
     """
+    spec = CorpusSpec.of(corpus)
     out = Path(out_dir)
     if (out / MANIFEST_NAME).exists():
         try:
@@ -53,22 +55,29 @@ def prepare_corpus(
     if tokenizer_model is None:
         tok_dir = out / TOKENIZER_DIR
         if not trained_tokenizer_ok(tok_dir, vocab_size):
-            train_tokenizer(source, tok_dir, vocab_size=vocab_size, text_field=text_field, threads=workers,
-                            progress=progress)
+            train_tokenizer(spec, tok_dir, vocab_size=vocab_size, threads=workers, progress=progress)
         tokenizer_model = str(tok_dir / MODEL_NAME)
     command = [
         "sdt_dist.data.prepare_corpus",
-        f"source={source!r}",
+        f"source={spec.source!r}",
         f"tokenizer_model={tokenizer_model!r}",
         f"vocab_size={vocab_size}",
-        f"text_field={text_field!r}",
+        f"text_field={spec.text_field!r}",
         f"valid_fraction={valid_fraction}",
         f"seed={seed}",
     ]
-    report = build_shards(
-        source, out, tokenizer_model, workers=workers, text_field=text_field,
-        valid_fraction=valid_fraction, seed=seed, progress=progress, command=command,
-    )
+    report = build_shards(spec, out, tokenizer_model, workers=workers, valid_fraction=valid_fraction, seed=seed,
+                          progress=progress, command=command)
     if progress:
         print(report.summary(), file=sys.stderr)
     return out
+
+
+def prepare_configured(cfg: Config, progress: bool = True) -> Path:
+    """`data.source` of a training config prepared into its first prepared directory, split by the run's seed
+    (the trainer's built-in data path, and a sweep's shared corpus)."""
+    d = cfg.data
+    return prepare_corpus(CorpusSpec(d.source, text_field=d.text_field), d.prepared[0], tokenizer_model=d.tokenizer,
+                          vocab_size=d.tokenizer_vocab_size, workers=d.workers, valid_fraction=d.valid_fraction,
+                          seed=cfg.train.seed, progress=progress)
+

@@ -8,14 +8,18 @@ A prepared directory holds::
     valid-00000.bin / .idx, ...       each document's tokens followed by EOD
     _progress/                        only while a build is unfinished: what resuming needs
 
-Determinism: document ``i`` (0-based, in input order) belongs to the validation split iff a seeded hash
-of ``i`` falls below ``valid_fraction``. A split's shards take its documents in input order and close at
-``docs_per_shard`` documents or ``shard_size_mb`` MB of tokens. None of this depends on the number of
-workers or on interruptions, so a resumed build ends with the same files and manifest as a clean one.
+Work is planned as slices (``slices.py``: files, and byte ranges of uncompressed JSON-lines and text
+files); each worker process reads its own slices and writes their shards (``slice_build.py``); the main
+process only plans, waits, and assembles the manifest (``assemble.py``). A document's split is a seeded hash
+of its identity (file, slice, number in the slice); a slice's shards take its documents in order and close
+at ``docs_per_shard`` documents or ``shard_size_mb`` MB of tokens, and the final shards are the slices'
+shards in input order. None of this depends on the number of workers, on interruptions, or on building
+the input as ``part=(I, N)`` parts on several machines and merging them (``merge_parts``).
 
 Resume: a shard is written under a temporary name, renamed once complete, then recorded in
-``_progress/shards/``. On restart recorded shards are checked (size and sha256) and kept, anything else
-is deleted, and the input is read again, without re-tokenizing, up to the first unfinished shard.
+``_progress/shards/``; a finished slice leaves its summary in ``_progress/slices/``. On restart finished
+slices are skipped, and in the others recorded shards are checked (size and sha256) and kept, anything
+else is deleted, and the slice is read again, without re-tokenizing, up to its first unfinished shard.
 """
 
 from __future__ import annotations
@@ -25,14 +29,10 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
-import warnings
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,75 +41,60 @@ import numpy as np
 from tqdm import tqdm
 
 from sdt_dist.atomic import write_json_atomic
-from sdt_dist.data._encode import EncodedChunk, encode_chunk, init_worker
+from sdt_dist.data._encode import init_worker
+from sdt_dist.data.assemble import PART_FORMAT, PART_NAME, assemble, part_sources, restore_progress
+from sdt_dist.data.build_resume import check_same_build, diff
+from sdt_dist.data.encoder_pool import EncoderPool
 from sdt_dist.data.errors import DataError
-from sdt_dist.data.manifest import (
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    check_files,
-    files_sha256,
-    manifest_checksum,
-    manifest_files,
-    read_manifest,
-)
-from sdt_dist.data.read_progress import ReadProgress
-from sdt_dist.data.sources import Corpus, iter_documents, resolve_corpus
+from sdt_dist.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME, check_files, manifest_files, read_manifest
+from sdt_dist.data.slice_build import SPLITS, SliceResult, SliceTask, build_slice, summary_path
+from sdt_dist.data.slices import Slice, parse_part, part_of, plan_slices
+from sdt_dist.data.sources import Corpus, CorpusSpec, resolve_corpus
+from sdt_dist.data.split import assign_valid
 from sdt_dist.data.tokenizer import CARD_NAME, MODEL_NAME, Tokenizer, card_path, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid")
+__all__ = ["SPLITS", "BuildReport", "assign_valid", "build_shards"]
+
 PROGRESS_DIR = "_progress"
 TOKENIZER_DIR = "tokenizer"
 DEFAULT_SHARD_MB = 256.0
-# Text handed to a worker at a time: ~50 ms of encoding, large enough to make the per-task IPC
-# negligible, small enough to keep all workers busy until the end of a small input.
-_CHUNK_CHARS = 1 << 18
-_SHARD_FILE = re.compile(r"^(train|valid)-\d{5}(\.tmp)?\.(bin|idx)$")
+# Input bytes per slice of a splittable file: the unit of parallel work (and a bound on a shard's size).
+DEFAULT_SLICE_MB = 64.0
 # megatron-core's DType.optimal_dtype threshold: uint16 ids below it, int32 from it on.
 _UINT16_VOCAB_LIMIT = 65500
 
 
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def assign_valid(doc_indices: np.ndarray, seed: int, valid_fraction: float) -> np.ndarray:
-    """True for the documents (by 0-based input index) that belong to the validation split.
-
-    A seeded hash of the index alone decides, so the split never depends on chunking, workers or resume.
-    """
-    key = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))[0]
-    z = _splitmix64(np.asarray(doc_indices, dtype=np.uint64) ^ key)
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < valid_fraction
-
-
 @dataclass
 class BuildReport:
-    """What a build_shards call did; ``manifest`` is the directory's (deterministic) manifest."""
+    """What a build_shards call did; ``manifest`` is the directory's (deterministic) manifest, or for a
+    part the part's description (``part.json``)."""
 
     out_dir: Path
     manifest: dict[str, Any]
     seconds: float
     docs_processed: int  # documents read and tokenized by this call
     tokens_processed: int
-    resumed_at_doc: int | None  # None for a fresh build
+    resumed_at_doc: int | None  # None for a fresh build; for a part, counted from the part's first document
     already_complete: bool
 
     def summary(self) -> str:
-        m, inp = self.manifest, self.manifest["input"]
-        parts = [
-            f"{self.out_dir}: {inp['docs']:,} documents ({inp['skipped_empty']:,} empty skipped, "
-            f"{inp['invalid_utf8_replaced']:,} with invalid UTF-8 replaced)"
-        ]
-        for name, split in m["splits"].items():
-            shards = len(split["shards"])
-            parts.append(
-                f"{name} {split['docs']:,} docs / {split['tokens']:,} tokens in {shards} shard{'s' * (shards != 1)}"
-            )
+        if self.manifest.get("format") == PART_FORMAT:
+            part, n = self.manifest["part"]
+            parts = [f"{self.out_dir}: part {part}/{n}, {len(self.manifest['slices'])} of "
+                     f"{len(self.manifest['plan'])} slices, {sum(s['docs'] for s in self.manifest['slices']):,} "
+                     "documents"]
+        else:
+            m, inp = self.manifest, self.manifest["input"]
+            parts = [
+                f"{self.out_dir}: {inp['docs']:,} documents ({inp['skipped_empty']:,} empty skipped, "
+                f"{inp['invalid_utf8_replaced']:,} with invalid UTF-8 replaced)"
+            ]
+            for name, split in m["splits"].items():
+                shards = len(split["shards"])
+                parts.append(f"{name} {split['docs']:,} docs / {split['tokens']:,} tokens in {shards} "
+                             f"shard{'s' * (shards != 1)}")
         if self.already_complete:
             return "; ".join(parts) + "; already complete and verified, nothing to do"
         rate = max(self.seconds, 1e-9)
@@ -120,187 +105,6 @@ class BuildReport:
         if self.resumed_at_doc is not None:
             run += f" (resumed at document {self.resumed_at_doc:,})"
         return "; ".join(parts) + "; " + run
-
-
-class _ShardWriter:
-    """Writes one split's shards in order, at most one (under a temporary name) open at a time."""
-
-    def __init__(
-        self,
-        out: Path,
-        split: str,
-        index: int,
-        start_doc: int,
-        dtype: type[np.integer],
-        docs_per_shard: int | None,
-        shard_bytes: int | None,
-        records_dir: Path,
-    ) -> None:
-        self.out, self.split, self.dtype = out, split, dtype
-        self.docs_per_shard, self.shard_bytes, self.records_dir = docs_per_shard, shard_bytes, records_dir
-        self.itemsize = np.dtype(dtype).itemsize
-        self._reset(index, start_doc)
-
-    def _reset(self, index: int, start_doc: int) -> None:
-        self.index, self.start_doc = index, start_doc
-        self.docs = self.tokens = self.skipped_empty = self.invalid_utf8 = 0
-        self.last_doc = start_doc - 1
-        self._builder: Any = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.index:05d}"
-
-    def _tmp(self, ext: str) -> Path:
-        return self.out / f"{self.name}.tmp.{ext}"
-
-    def skip_empty(self, invalid_utf8: bool) -> None:
-        # Counted in the shard whose document range the empty document falls in.
-        self.skipped_empty += 1
-        self.invalid_utf8 += invalid_utf8
-
-    def add(self, tokens: np.ndarray, doc: int, invalid_utf8: bool) -> dict[str, Any] | None:
-        """Append one document; returns the shard's record when this document completed it."""
-        if self._builder is None:
-            with warnings.catch_warnings():  # megatron-core warns at import about optional fused kernels
-                warnings.simplefilter("ignore")
-                from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-            self._builder = IndexedDatasetBuilder(str(self._tmp("bin")), dtype=self.dtype)
-        # One sequence per document (lengths=[n], never [0]: empty documents were skipped upstream).
-        self._builder.add_document(tokens, [len(tokens)])
-        self.docs += 1
-        self.tokens += len(tokens)
-        self.invalid_utf8 += invalid_utf8
-        self.last_doc = doc
-        full_docs = self.docs_per_shard is not None and self.docs >= self.docs_per_shard
-        full_bytes = self.shard_bytes is not None and self.tokens * self.itemsize >= self.shard_bytes
-        return self.close() if full_docs or full_bytes else None
-
-    def close(self) -> dict[str, Any]:
-        tmp_bin, tmp_idx = self._tmp("bin"), self._tmp("idx")
-        self._builder.finalize(str(tmp_idx))
-        # No fsync needed: a resume re-checks the sha256 of every recorded shard before keeping it.
-        shas = files_sha256([tmp_bin, tmp_idx])
-        files = {}
-        for tmp, sha in zip((tmp_bin, tmp_idx), shas, strict=True):
-            final = self.out / f"{self.name}.{tmp.suffix[1:]}"
-            files[final.name] = {"bytes": tmp.stat().st_size, "sha256": sha}
-            os.replace(tmp, final)
-        record = {
-            "name": self.name,
-            "split": self.split,
-            "index": self.index,
-            "first_doc": self.start_doc,
-            "end_doc": self.last_doc + 1,
-            "docs": self.docs,
-            "tokens": self.tokens,
-            "skipped_empty": self.skipped_empty,
-            "invalid_utf8_replaced": self.invalid_utf8,
-            "files": files,
-        }
-        write_json_atomic(self.records_dir / f"{self.name}.json", record, sort_keys=True)
-        self._reset(self.index + 1, self.last_doc + 1)
-        return record
-
-
-class _Encoder:
-    """encode_chunk in ``workers`` spawned processes, or in this process when ``workers == 0``."""
-
-    def __init__(self, workers: int, model_path: Path, dtype: type[np.integer]) -> None:
-        model, dtype_name = str(model_path), np.dtype(dtype).name
-        self._pool: ProcessPoolExecutor | None = None
-        if workers > 0:
-            # spawn, not fork: the parent runs pyarrow and tqdm threads whose locks a fork would copy.
-            # ProcessPoolExecutor rather than Pool: a worker killed by the OOM killer raises, not hangs.
-            self._pool = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                initargs=(model, dtype_name, os.getpid()),
-            )
-        else:
-            init_worker(model, dtype_name)
-
-    def submit(self, texts: list[str]) -> Future[EncodedChunk]:
-        if self._pool is not None:
-            return self._pool.submit(encode_chunk, texts)
-        done: Future[EncodedChunk] = Future()
-        done.set_result(encode_chunk(texts))
-        return done
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _chunks(batches: Iterable[list[str]], chunk_chars: int) -> Iterator[list[str]]:
-    """Regroup reader batches into chunks of about ``chunk_chars`` characters."""
-    chunk: list[str] = []
-    size = 0
-    for texts in batches:
-        for text in texts:
-            chunk.append(text)
-            size += len(text)
-            if size >= chunk_chars:
-                yield chunk
-                chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
-
-
-def _check_same_build(
-    manifest: dict[str, Any], path: Path, settings: dict[str, Any], tok: Tokenizer, corpus: Corpus
-) -> None:
-    """A finished directory may only be reused (or repaired) for the very same build."""
-    files = [{"path": f["path"], "bytes": f.get("bytes")} for f in manifest["input"]["files"]]
-    now = [
-        {"path": d.get("path", f"hf:{d.get('hub')}"), "bytes": d.get("bytes")} for d in corpus.describe()
-    ]
-    problems = []
-    if manifest["settings"] != settings:
-        problems.append(_diff(manifest["settings"], settings))
-    if manifest["tokenizer"]["sha256"] != tok.sha256:
-        problems.append(f"tokenizer {manifest['tokenizer']['source']} then, {tok.path} (different sha256) now")
-    if files != now:
-        problems.append("the input files differ")
-    if problems:
-        raise DataError(
-            f"{path}: this directory was prepared differently ({'; '.join(problems)}); "
-            "use another --out or delete it"
-        )
-
-
-def _read_files_log(path: Path) -> dict[int, int]:
-    counts = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:  # the last line of a killed run may be cut short
-                continue
-            counts[entry["file"]] = entry["docs"]
-    return counts
-
-
-def _keep_finished(out: Path, records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Of the recorded shards, keep per split the run from index 0 whose files are intact."""
-    kept = []
-    for split in SPLITS:
-        ordered = sorted((r for r in records.values() if r["split"] == split), key=lambda r: r["index"])
-        for expected, record in enumerate(ordered):
-            if record["index"] != expected:
-                break
-            entries = [(name, meta["bytes"], meta["sha256"]) for name, meta in record["files"].items()]
-            try:
-                check_files(out, entries, quick=False)
-            except DataError as e:
-                logger.warning("rebuilding from %s on: %s", record["name"], e)
-                break
-            kept.append(record)
-    return kept
 
 
 def _copy_tokenizer(tok: Tokenizer, out: Path) -> Path:
@@ -318,29 +122,30 @@ def _copy_tokenizer(tok: Tokenizer, out: Path) -> Path:
 
 
 def build_shards(
-    source: str | list[str],
+    corpus: CorpusSpec | str | list[str],
     out_dir: str | Path,
     tokenizer_model: str | Path,
     *,
     workers: int = 1,
-    text_field: str = "text",
     valid_fraction: float = 0.05,
     seed: int = 1234,
     docs_per_shard: int | None = None,
     shard_size_mb: float | None = None,
-    txt_unit: str = "paragraph",
-    hf_config: str | None = None,
-    hf_split: str = "train",
+    slice_mb: float = DEFAULT_SLICE_MB,
+    part: str | tuple[int, int] | None = None,
     progress: bool = True,
     command: list[str] | None = None,
 ) -> BuildReport:
-    """Tokenize ``source`` into shards under ``out_dir``; resumes an interrupted build, and returns at
-    once when the directory already holds this build, verified.
+    """Tokenize ``corpus`` (a CorpusSpec, or a bare source read with its defaults) into shards under
+    ``out_dir``; resumes an interrupted build, and returns at once when the directory already holds this
+    build, verified.
 
     ``tokenizer_model``: a ``.model`` file, a directory holding ``tokenizer.model``, or a prepared
     directory. Shards close at ``docs_per_shard`` documents, else at ``shard_size_mb`` MB (default 256).
-    ``workers`` tokenizing processes (0: tokenize in this process). ``command`` is recorded in the
-    manifest (default: ``sys.argv``).
+    Splittable files are cut into slices of about ``slice_mb`` MB of input. ``workers`` processes, each
+    building whole slices (0: everything in this process). ``part`` (``"I/N"`` or ``(I, N)``, 1 <= I <= N):
+    build only the I-th of N parts of the slices into ``out_dir``, to be merged with ``merge_parts``.
+    ``command`` is recorded in the manifest (default: ``sys.argv``).
     """
     if workers < 0:
         raise DataError(f"workers must be >= 0, not {workers}")
@@ -352,46 +157,33 @@ def build_shards(
         shard_size_mb = DEFAULT_SHARD_MB
     if (docs_per_shard is not None and docs_per_shard < 1) or (shard_size_mb is not None and shard_size_mb <= 0):
         raise DataError("docs_per_shard and shard_size_mb must be positive")
+    if slice_mb <= 0:
+        raise DataError(f"slice_mb must be positive, not {slice_mb}")
+    if part is not None:
+        part = parse_part(part if isinstance(part, str) else f"{part[0]}/{part[1]}")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = resolve_corpus(source, text_field=text_field, hf_config=hf_config, hf_split=hf_split,
-                            txt_unit=txt_unit)
+    spec = CorpusSpec.of(corpus)
+    resolved = resolve_corpus(spec)
     tok = load_tokenizer(tokenizer_model)
     dtype: type[np.integer] = np.uint16 if tok.vocab_size < _UINT16_VOCAB_LIMIT else np.int32
-    settings = {
-        "text_field": text_field,
-        "valid_fraction": valid_fraction,
-        "seed": seed,
-        "docs_per_shard": docs_per_shard,
-        "shard_size_mb": shard_size_mb,
-        "txt_unit": txt_unit,
-        "hf_config": hf_config,
-        "hf_split": hf_split,
-    }
-
-    records: dict[str, dict[str, Any]] = {}
-    file_docs: dict[int, int] = {}
-    manifest_path = out / MANIFEST_NAME
+    settings = {**spec.settings(), "valid_fraction": valid_fraction, "seed": seed, "docs_per_shard": docs_per_shard,
+                "shard_size_mb": shard_size_mb, "slice_mb": slice_mb}
+    progress_dir = out / PROGRESS_DIR
+    manifest_path = out / (MANIFEST_NAME if part is None else PART_NAME)
+    old = None
     if manifest_path.exists():
         try:
-            old = read_manifest(out)
+            old = read_manifest(out) if part is None else _read_part(manifest_path)
         except DataError as e:  # nothing in it can be trusted: rebuild everything
             logger.warning("%s; rebuilding", e)
         else:
-            _check_same_build(old, manifest_path, settings, tok, corpus)
-            try:
-                check_files(out, manifest_files(old), quick=False)
+            done = _finished(old, manifest_path, settings, tok, resolved, out, part)
+            if done:
                 return BuildReport(out, old, time.perf_counter() - started, 0, 0, None, True)
-            except DataError as e:
-                logger.warning("%s; rebuilding what is damaged", e)
-            records = {r["name"]: r for split in old["splits"].values() for r in split["shards"]}
-            file_docs = {i: f["docs"] for i, f in enumerate(old["input"]["files"])}
-        manifest_path.unlink()
-
-    progress_dir = out / PROGRESS_DIR
-    records_dir = progress_dir / "shards"
-    records_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_slices(resolved, int(slice_mb * 2**20))
+    (progress_dir / "shards").mkdir(parents=True, exist_ok=True)
     lock = open(progress_dir / "lock", "w")  # held for the whole build: one writer per directory
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -399,154 +191,77 @@ def build_shards(
         lock.close()
         raise DataError(f"{out}: another build is writing this directory") from None
     try:
-        state = {"settings": settings, "tokenizer_sha256": tok.sha256, "input": corpus.describe()}
+        state = {"settings": settings, "tokenizer_sha256": tok.sha256, "input": resolved.describe(),
+                 "part": None if part is None else list(part)}
         state_path = progress_dir / "state.json"
         if state_path.exists():
             previous = json.loads(state_path.read_text(encoding="utf-8"))
             if previous != state:
                 raise DataError(
                     f"{out}: holds an unfinished build with other settings, tokenizer or input "
-                    f"({_diff(previous, state)}); resume it with the original arguments or use another --out"
+                    f"({diff(previous, state)}); resume it with the original arguments or use another --out"
                 )
         else:
             write_json_atomic(state_path, state, sort_keys=True)
-        for path in records_dir.glob("*.json"):
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError:  # cut short by a crash: that shard is simply rebuilt
-                continue
-            records[record["name"]] = record
-        return _build(
-            corpus, out, tok, dtype, settings, records, file_docs, progress_dir, workers, progress,
-            command if command is not None else list(sys.argv), started,
-        )
+        if old is not None and part is None:  # a damaged finished directory: repaired like a resumed build
+            restore_progress(out, old, progress_dir)
+        manifest_path.unlink(missing_ok=True)
+        return _build(resolved, plan, part, out, tok, dtype, settings, progress_dir, workers, progress,
+                      command if command is not None else list(sys.argv), started)
     finally:
         lock.close()
 
 
-def _build(
-    corpus: Corpus,
-    out: Path,
-    tok: Tokenizer,
-    dtype: type[np.integer],
-    settings: dict[str, Any],
-    records: dict[str, dict[str, Any]],
-    file_docs: dict[int, int],
-    progress_dir: Path,
-    workers: int,
-    progress: bool,
-    command: list[str],
-    started: float,
-) -> BuildReport:
-    records_dir = progress_dir / "shards"
-    kept = _keep_finished(out, records)
-    kept_names = {r["name"] for r in kept}
-    # Whatever is not a kept shard goes: partial temporaries, shards renamed but not yet recorded,
-    # shards after a damaged one. Only our own file names are touched.
-    for path in out.iterdir():
-        if _SHARD_FILE.match(path.name) and path.name.split(".")[0] not in kept_names:
-            path.unlink()
-    for path in records_dir.iterdir():
-        if path.suffix != ".json" or path.stem not in kept_names:
-            path.unlink()
-    for record in kept:
-        if not (records_dir / f"{record['name']}.json").exists():
-            write_json_atomic(records_dir / f"{record['name']}.json", record, sort_keys=True)
-    tokenizer_copy = _copy_tokenizer(tok, out)
+def _read_part(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e})") from None
+    if not isinstance(info, dict) or info.get("format") != PART_FORMAT:
+        raise DataError(f"{path}: not a part description of format {PART_FORMAT!r}")
+    return info
 
-    writers = {}
-    for split in SPLITS:
-        done = [r for r in kept if r["split"] == split]
-        writers[split] = _ShardWriter(
-            out, split, len(done), done[-1]["end_doc"] if done else 0, dtype, settings["docs_per_shard"],
-            None if settings["shard_size_mb"] is None else int(settings["shard_size_mb"] * 2**20), records_dir,
-        )
-    resume_train, resume_valid = writers["train"].start_doc, writers["valid"].start_doc
-    start = min(resume_train, resume_valid)
 
-    files_log = progress_dir / "files.jsonl"
-    file_docs = {**file_docs, **_read_files_log(files_log)}
-    file_counts: dict[int, int] = {}
-    new_records: list[dict[str, Any]] = []
-    with open(files_log, "a", encoding="utf-8") as log:
-
-        def file_done(index: int, count: int) -> None:
-            file_counts[index] = count
-            if index not in file_docs:  # lets a later resume skip the whole file unopened
-                log.write(json.dumps({"file": index, "docs": count}) + "\n")
-                log.flush()
-
-        batches = iter_documents(corpus, start=start, file_docs=file_docs, on_file_done=file_done)
-        encoder = _Encoder(workers, tok.path, dtype)
-        # percent of the input's bytes read (local files), else a count of documents (a hub dataset)
-        reading = ReadProgress(corpus)
-        bar = tqdm(desc="tokenizing", total=reading.total, unit="B" if reading.total else " docs",
-                   unit_scale=bool(reading.total), disable=not progress, dynamic_ncols=True)
-        pending: deque[tuple[np.ndarray, np.ndarray, Future[EncodedChunk]]] = deque()
-        docs_done = tokens_done = 0
-        run_started = time.perf_counter()
-
-        def consume(idx: np.ndarray, valid: np.ndarray, future: Future[EncodedChunk]) -> None:
-            nonlocal docs_done, tokens_done
-            chunk = future.result()
-            bounds = np.concatenate(([0], np.cumsum(chunk.lengths)))
-            k = 0
-            for j in range(len(idx)):
-                writer = writers["valid" if valid[j] else "train"]
-                if chunk.empty[j]:
-                    writer.skip_empty(bool(chunk.invalid_utf8[j]))
-                    continue
-                record = writer.add(chunk.tokens[bounds[k] : bounds[k + 1]], int(idx[j]), bool(chunk.invalid_utf8[j]))
-                k += 1
-                if record is not None:
-                    new_records.append(record)
-            docs_done += len(idx)
-            tokens_done += len(chunk.tokens)
-            bar.update(len(idx) if reading.total is None else reading.bytes_read(file_counts) - bar.n)
-            bar.set_postfix_str(f"{docs_done:,} docs, {tokens_done / (time.perf_counter() - run_started):,.0f} "
-                                f"tokens/s", refresh=False)
-
-        doc = start
+def _finished(
+    old: dict[str, Any], path: Path, settings: dict[str, Any], tok: Tokenizer, corpus: Corpus, out: Path,
+    part: tuple[int, int] | None,
+) -> bool:
+    """Whether ``out`` already holds this very build (or part), intact; refuses a different build."""
+    if part is None:
+        if old["format"] != MANIFEST_FORMAT:
+            raise DataError(f"{path}: prepared by an earlier version (format {old['format']!r}); it still loads "
+                            "for training, but cannot be resumed or repaired by this one: use another --out")
+        check_same_build(old, path, settings, tok, corpus)
         try:
-            for texts in _chunks(batches, _CHUNK_CHARS):
-                idx = np.arange(doc, doc + len(texts), dtype=np.int64)
-                doc += len(texts)
-                valid = assign_valid(idx, settings["seed"], settings["valid_fraction"])
-                todo = idx >= np.where(valid, resume_valid, resume_train)  # not in a kept shard yet
-                if not todo.all():
-                    texts = [t for t, keep in zip(texts, todo) if keep]
-                    idx, valid = idx[todo], valid[todo]
-                if texts:
-                    pending.append((idx, valid, encoder.submit(texts)))
-                # Bounded read-ahead: keeps every worker busy without pulling the corpus into memory.
-                while len(pending) > 4 * max(workers, 1):
-                    consume(*pending.popleft())
-            while pending:
-                consume(*pending.popleft())
-        finally:
-            encoder.close()
-            bar.close()
-    for writer in writers.values():
-        if writer.docs:
-            new_records.append(writer.close())
+            check_files(out, manifest_files(old), quick=False)
+        except DataError as e:
+            logger.warning("%s; rebuilding what is damaged", e)
+            return False
+        shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # left if a crash followed the manifest
+        return True
+    check_same_build(old["head"], path, settings, tok, corpus)
+    if old["part"] != list(part):
+        raise DataError(f"{path}: holds part {old['part'][0]}/{old['part'][1]}, not {part[0]}/{part[1]}; "
+                        "use another --out")
+    shards = out / PROGRESS_DIR / "shards"
+    entries = [(name, meta["bytes"], meta["sha256"]) for s in old["slices"] for r in s["shards"]
+               for name, meta in r["files"].items()]
+    try:
+        check_files(shards, entries, quick=False)
+    except DataError as e:
+        logger.warning("%s; rebuilding what is damaged", e)
+        for s in old["slices"]:  # every slice rechecks its own shards and rebuilds from a damaged one
+            summary_path(out / PROGRESS_DIR, s["slice"]).unlink(missing_ok=True)
+        return False
+    return True
 
-    if sum(file_counts.values()) != doc:
-        raise DataError(f"input changed while it was read: per-file counts {file_counts} vs {doc} documents")
-    all_records = kept + new_records
-    splits = {}
-    for split in SPLITS:
-        shards = sorted((r for r in all_records if r["split"] == split), key=lambda r: r["index"])
-        tail = writers[split]  # counts of empty documents after the split's last shard
-        splits[split] = {
-            "docs": sum(r["docs"] for r in shards),
-            "tokens": sum(r["tokens"] for r in shards),
-            "skipped_empty": sum(r["skipped_empty"] for r in shards) + tail.skipped_empty,
-            "invalid_utf8_replaced": sum(r["invalid_utf8_replaced"] for r in shards) + tail.invalid_utf8,
-            "shards": shards,
-        }
-    described = corpus.describe()
-    manifest = {
-        "format": MANIFEST_FORMAT,
+
+def _head(
+    tok: Tokenizer, tokenizer_copy: Path, out: Path, dtype: type[np.integer], settings: dict[str, Any],
+    corpus: Corpus, command: list[str],
+) -> dict[str, Any]:
+    """The manifest's fields that do not depend on the shards."""
+    return {
         "command": command,
         "tokenizer": {
             "model": str(tokenizer_copy.relative_to(out)),
@@ -559,21 +274,83 @@ def _build(
         },
         "dtype": np.dtype(dtype).name,
         "settings": settings,
-        "input": {
-            "files": [
-                {"path": d.get("path", f"hf:{d.get('hub')}"), "bytes": d.get("bytes"), "docs": file_counts[i]}
-                for i, d in enumerate(described)
-            ],
-            "docs": doc,
-            "skipped_empty": sum(s["skipped_empty"] for s in splits.values()),
-            "invalid_utf8_replaced": sum(s["invalid_utf8_replaced"] for s in splits.values()),
-        },
-        "splits": splits,
+        "input": {"files": [{"path": d.get("path", f"hf:{d.get('hub')}"), "bytes": d.get("bytes")}
+                            for d in corpus.describe()]},
     }
-    manifest["manifest_sha256"] = manifest_checksum(manifest)
-    write_json_atomic(out / MANIFEST_NAME, manifest, sort_keys=True)
+
+
+def _finished_summary(progress_dir: Path, index: int) -> bool:
+    try:
+        json.loads(summary_path(progress_dir, index).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, or cut short by a crash: the slice is resumed
+        return False
+    return True
+
+
+def _run_slices(tasks: list[SliceTask], workers: int, model: Path, progress: bool) -> list[SliceResult]:
+    """Build the slices: one worker process per slice at a time; the last slice left, when it is the only
+    one, in this process with ``workers`` tokenizing processes (the only way to give one unsplittable file,
+    e.g. a compressed one, more than one core)."""
+    if not tasks:
+        return []
+    dtype_name = tasks[0].dtype_name
+    if workers == 0 or len(tasks) == 1:
+        encoder = EncoderPool(workers, model, np.dtype(dtype_name).type)
+        try:
+            return [build_slice(t, encoder.submit, progress) for t in tasks]
+        finally:
+            encoder.close()
+    # spawn, not fork: the parent runs pyarrow and tqdm threads whose locks a fork would copy.
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=init_worker, initargs=(str(model), dtype_name, os.getpid()))
+    bar = tqdm(desc="slices", total=len(tasks), disable=not progress, dynamic_ncols=True)
+    try:
+        futures = [pool.submit(build_slice, t) for t in tasks]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            bar.update(len(done))
+            for future in done:
+                future.result()  # a worker's DataError (bad record, file changed) ends the build here
+        return [f.result() for f in futures]
+    finally:
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _build(
+    corpus: Corpus,
+    plan: list[Slice],
+    part: tuple[int, int] | None,
+    out: Path,
+    tok: Tokenizer,
+    dtype: type[np.integer],
+    settings: dict[str, Any],
+    progress_dir: Path,
+    workers: int,
+    progress: bool,
+    command: list[str],
+    started: float,
+) -> BuildReport:
+    selected = list(range(len(plan))) if part is None else part_of(plan, *part)
+    tasks = [SliceTask(corpus, plan[k], k, progress_dir, np.dtype(dtype).name, settings)
+             for k in selected if not _finished_summary(progress_dir, k)]
+    results = _run_slices(tasks, workers, tok.path, progress)
+    tokenizer_copy = _copy_tokenizer(tok, out)
+    head = _head(tok, tokenizer_copy, out, dtype, settings, corpus, command)
+    sources = part_sources(progress_dir, selected)
+    docs = sum(r.docs_processed for r in results)
+    tokens = sum(r.tokens_processed for r in results)
+    first_offsets = {k: sum(s["docs"] for _, s in sources[: selected.index(k)]) for k in selected}
+    resumed = next((first_offsets[t.index] + r.resumed_at for t, r in zip(tasks, results)
+                    if r.resumed_at is not None), None)
+    seconds = time.perf_counter() - started
+    if part is not None:
+        info = {"format": PART_FORMAT, "part": list(part), "plan": [s.describe() for s in plan],
+                "head": {k: v for k, v in head.items() if k != "command"}, "command": command,
+                "slices": [summary for _, summary in sources]}
+        write_json_atomic(out / PART_NAME, info, sort_keys=True)
+        return BuildReport(out, info, seconds, docs, tokens, resumed, False)
+    manifest = assemble(out, sources, head)
     shutil.rmtree(progress_dir)
-    return BuildReport(
-        out, manifest, time.perf_counter() - started, docs_done, tokens_done,
-        start if kept else None, False,
-    )
+    return BuildReport(out, manifest, time.perf_counter() - started, docs, tokens, resumed, False)

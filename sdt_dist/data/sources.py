@@ -43,6 +43,27 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
+class CorpusSpec:
+    """What the user named as input, and how to read it (the arguments every data step shares)."""
+
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+    text_field: str = "text"  # record field holding the text (.jsonl/.json/.parquet, hub datasets)
+    hf_config: str | None = None  # hub dataset configuration, e.g. wikitext-2-raw-v1
+    hf_split: str = "train"
+    txt_unit: str = "paragraph"  # document unit of .txt files: paragraph, line or document
+
+    @classmethod
+    def of(cls, corpus: CorpusSpec | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> CorpusSpec:
+        """A spec as given, or a bare source read with the defaults."""
+        return corpus if isinstance(corpus, CorpusSpec) else cls(corpus)
+
+    def settings(self) -> dict[str, Any]:
+        """The reading options, as recorded in manifests (the source is recorded as files)."""
+        return {"text_field": self.text_field, "txt_unit": self.txt_unit, "hf_config": self.hf_config,
+                "hf_split": self.hf_split}
+
+
+@dataclass(frozen=True)
 class Corpus:
     """A resolved input: either local ``files`` (read in this order) or one hub dataset."""
 
@@ -88,14 +109,11 @@ def _supported(path: str) -> bool:
 
 
 def resolve_corpus(
-    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    *,
-    text_field: str = "text",
-    hf_config: str | None = None,
-    hf_split: str = "train",
-    txt_unit: str = "paragraph",
+    corpus: CorpusSpec | str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
 ) -> Corpus:
     """Expand globs and directories into an ordered file list, or recognise a Hugging Face dataset name."""
+    spec = CorpusSpec.of(corpus)
+    source, txt_unit = spec.source, spec.txt_unit
     if txt_unit not in TXT_UNITS:
         raise DataError(f"txt_unit must be one of {TXT_UNITS}, not {txt_unit!r}")
     sources = [source] if isinstance(source, str | os.PathLike) else list(source)
@@ -127,11 +145,11 @@ def resolve_corpus(
     if hub and (files or len(hub) > 1):
         raise DataError(f"give either one Hugging Face dataset or local files, not {sources}")
     if hub:
-        return Corpus(hub_name=hub[0], hf_config=hf_config, hf_split=hf_split, text_field=text_field)
+        return Corpus(hub_name=hub[0], hf_config=spec.hf_config, hf_split=spec.hf_split, text_field=spec.text_field)
     for path in files:
         builder_for(path)  # reject unsupported types before any work starts
     unique = tuple(dict.fromkeys(files))  # a file named by two globs is still read once
-    return Corpus(files=unique, text_field=text_field, txt_unit=txt_unit)
+    return Corpus(files=unique, text_field=spec.text_field, txt_unit=txt_unit)
 
 
 def _open_file(path: str, txt_unit: str) -> Any:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sdt_dist.atomic import write_json_atomic
 from sdt_dist.data.errors import DataError
 from sdt_dist.data.manifest import MANIFEST_NAME, file_sha256, read_manifest
-from sdt_dist.data.sources import INVALID_UTF8_MARK, iter_documents, resolve_corpus
+from sdt_dist.data.sources import INVALID_UTF8_MARK, CorpusSpec, iter_documents, resolve_corpus
 
 MODEL_NAME = "tokenizer.model"
 # Not `tokenizer.json`: Hugging Face reserves that name for its fast-tokenizer file, and AutoTokenizer fails on
@@ -137,15 +137,11 @@ def _write_sample(corpus: Any, path: Path, limit_bytes: int, progress: bool) -> 
 
 
 def train_tokenizer(
-    source: str | list[str],
+    corpus: CorpusSpec | str | list[str],
     out_dir: str | Path,
     *,
     vocab_size: int = 50000,
     sample_mb: float = 256.0,
-    text_field: str = "text",
-    hf_config: str | None = None,
-    hf_split: str = "train",
-    txt_unit: str = "paragraph",
     threads: int | None = None,
     progress: bool = True,
 ) -> Path:
@@ -153,17 +149,17 @@ def train_tokenizer(
     and the card ``out_dir/sdt_tokenizer.json``. Returns the model path."""
     if vocab_size < MIN_VOCAB:
         raise DataError(f"--vocab-size {vocab_size} is too small: byte fallback alone needs 260 pieces")
-    corpus = resolve_corpus(source, text_field=text_field, hf_config=hf_config, hf_split=hf_split,
-                            txt_unit=txt_unit)
+    spec = CorpusSpec.of(corpus)
+    resolved = resolve_corpus(spec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sample_path = out / ".tokenizer-sample.txt"
     prefix = out / ".tokenizer-training"
     started = time.perf_counter()
     try:
-        sample = _write_sample(corpus, sample_path, int(sample_mb * 2**20), progress)
+        sample = _write_sample(resolved, sample_path, int(sample_mb * 2**20), progress)
         if sample["docs"] == 0:
-            raise DataError(f"{source}: no non-empty documents to train a tokenizer on")
+            raise DataError(f"{spec.source}: no non-empty documents to train a tokenizer on")
         if progress:  # sentencepiece reports nothing while it trains
             print(f"tokenizer: training BPE (vocab {vocab_size}) on {sample['bytes'] / 2**20:.1f} MB "
                   f"({sample['docs']:,} documents) ...", file=sys.stderr, flush=True)
@@ -192,7 +188,7 @@ def train_tokenizer(
     except RuntimeError as e:
         limit = re.search(r"value <= (\d+)", str(e))
         if limit is None:
-            raise DataError(f"sentencepiece training failed on {source}: {e}") from None
+            raise DataError(f"sentencepiece training failed on {spec.source}: {e}") from None
         raise DataError(
             f"--vocab-size {vocab_size} is too large for the training sample ({sample['docs']} documents, "
             f"{sample['bytes'] / 2**20:.1f} MB of text): sentencepiece can build at most {limit.group(1)} "
@@ -215,8 +211,8 @@ def train_tokenizer(
         "byte_fallback": True,
         "normalization": "identity",
         "training_sample": {**sample, "sample_mb_limit": sample_mb},
-        "source": [str(s) for s in ([source] if isinstance(source, str | os.PathLike) else source)],
-        "text_field": text_field,
+        "source": [str(s) for s in ([spec.source] if isinstance(spec.source, str | os.PathLike) else spec.source)],
+        "text_field": spec.text_field,
         "training_seconds": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(out / CARD_NAME, card, sort_keys=True)  # written last: its presence marks a finished tokenizer

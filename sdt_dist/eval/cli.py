@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from sdt_dist.paths import default_accelerator_env
 
 
 def _int_list(text: str) -> list[int]:
@@ -37,10 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's accelerator must match the device
+    default_accelerator_env()
     from sdt_dist.data.errors import DataError
     from sdt_dist.eval.evaluate import evaluate_checkpoint, resolve_checkpoint
     from sdt_dist.eval.report import markdown, write_report

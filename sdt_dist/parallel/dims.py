@@ -94,6 +94,16 @@ def _slurm_rank_env() -> dict[str, str]:
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr, "MASTER_PORT": port}
 
 
+def launcher_world_size() -> int | None:
+    """The world size a launcher announced, read before any process group exists (None: no launcher)."""
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: only srun steps set it; a batch script's SLURM_NTASKS is the
+    # allocation's task count even when it runs a single process (same order as init_distributed).
+    for key in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return None
+
+
 def init_distributed(timeout_s: int = 600) -> None:
     """Start torch.distributed through DeepSpeed (NCCL on CUDA, gloo/ccl on CPU: the accelerator decides).
 

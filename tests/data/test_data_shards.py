@@ -22,7 +22,7 @@ from sdt_dist.data.errors import DataError
 from sdt_dist.data.manifest import file_sha256, verify_prepared
 from sdt_dist.data.prepare import prepare_corpus
 from sdt_dist.data.shards import BuildReport, assign_valid, build_shards
-from sdt_dist.data.sources import iter_documents, resolve_corpus
+from sdt_dist.data.sources import CorpusSpec, iter_documents, resolve_corpus
 from sdt_dist.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -246,10 +246,9 @@ def test_text_field_option_txt_paragraphs_parquet_and_globs(tokenizer_model: Pat
         f.write(json.dumps({"body": "from gzip"}) + "\n")
     pq.write_table(pa.table({"body": ["from parquet", "  "]}), tmp_path / "b.parquet")
     (tmp_path / "c.txt").write_bytes(b"para one\nline two\n\npara \xff two\n\n\n\npara three\n")
-    report = build_shards(
-        [str(tmp_path / "*.jsonl.gz"), str(tmp_path / "b.parquet"), str(tmp_path / "c.txt")],
-        tmp_path / "out", tokenizer_model, workers=0, text_field="body", valid_fraction=0.0, progress=False,
-    )
+    corpus = CorpusSpec([str(tmp_path / "*.jsonl.gz"), str(tmp_path / "b.parquet"), str(tmp_path / "c.txt")],
+                        text_field="body")
+    report = build_shards(corpus, tmp_path / "out", tokenizer_model, workers=0, valid_fraction=0.0, progress=False)
     inp = report.manifest["input"]
     assert [f["docs"] for f in inp["files"]] == [1, 2, 3]
     assert (inp["docs"], inp["skipped_empty"], inp["invalid_utf8_replaced"]) == (6, 1, 1)

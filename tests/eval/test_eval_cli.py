@@ -10,8 +10,7 @@ import pytest
 
 from sdt_dist.eval.cli import main
 from sdt_dist.export import export
-from tests.eval.evalhelpers import tiny_model
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, tiny_model
 
 WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at which".split()
 

@@ -14,8 +14,7 @@ from sdt_dist.eval.compute import (
     run_compute,
     schedule_flops,
 )
-from tests.eval.evalhelpers import tiny_model
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, tiny_model
 
 NO_DISTILL = ["distill.lambda_kd=0", "distill.lambda_sd=0", "distill.layerdrop_p=0",
               "distill.freeze_milestones=[]", "distill.freeze_fractions=[]"]

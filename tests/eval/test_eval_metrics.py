@@ -87,8 +87,7 @@ def test_accumulating_in_pieces_equals_all_at_once(pairs, cut):
 
 def test_perplexity_is_exp_mean_nll_over_every_token(single_rank):
     from sdt_dist.eval.evaluate import evaluate_tokens
-    from tests.eval.evalhelpers import tiny_model
-    from tests.helpers import make_cfg
+    from tests.helpers import make_cfg, tiny_model
 
     cfg = make_cfg()
     model = tiny_model(cfg)

@@ -8,8 +8,7 @@ import torch
 
 from sdt_dist.distill.layerdrop import evenly_spaced_keep
 from sdt_dist.eval.pruning import prune_model, removed_layers
-from tests.eval.evalhelpers import tiny_model
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, tiny_model
 
 
 @pytest.mark.parametrize("num_layers,k", [(6, 0), (6, 1), (6, 2), (6, 3), (6, 5), (10, 3)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_tp2_stats_equal_full_logits(tmp_path):
-    worker = Path(__file__).parent / "workers" / "tp_stats.py"
+    worker = REPO / "tests" / "workers" / "tp_stats.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(worker), str(tmp_path / "out.json")]
     proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -9,16 +9,9 @@ import pytest
 import yaml
 
 from sdt_dist.config import ConfigError
-from sdt_dist.eval.sweep import (
-    aggregate,
-    arms,
-    load_spec,
-    markdown_tables,
-    mean_std,
-    metric,
-    run,
-    write_outputs,
-)
+from sdt_dist.eval.sweep import run
+from sdt_dist.eval.sweep_spec import arms, load_spec
+from sdt_dist.eval.sweep_tables import aggregate, markdown_tables, mean_std, metric, write_outputs
 from tests.helpers import REPO
 
 BASE = {
@@ -186,7 +179,7 @@ def test_shipped_sweeps_resolve():
 
 
 def test_learning_curves_average_the_seeds_validation_perplexity_against_tokens(tmp_path):
-    from sdt_dist.eval.sweep import learning_curves
+    from sdt_dist.eval.sweep_tables import learning_curves
 
     spec = load_spec(write_sweep(tmp_path))
     for seed, ppl in ((1, [500.0, 300.0]), (2, [520.0, 280.0])):

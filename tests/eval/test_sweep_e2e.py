@@ -44,6 +44,7 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, capsys):
     assert student["datasets"]["heldout"]["ppl"] != teacher["datasets"]["heldout"]["ppl"]
     assert student["compute"]["steps"] == 4 and student["compute"]["accelerator_hours"] > 0
     assert "SelfDistil-T | 1 |" in (tmp_path / "sweep" / "tables.md").read_text()
+    assert " -m sdt_dist.cli --config " in (run_dir / "train.log").read_text().splitlines()[0]  # no checkout path
 
     log_size = (run_dir / "train.log").stat().st_size
     mtimes = {v: p.stat().st_mtime_ns for v, p in reports.items()}

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
-from tests.launch.launch_helpers import launch_env, signal_after_first_checkpoint, train_args
+from tests.helpers import REPO, free_port, launch_env, signal_after_first_checkpoint, train_args
 
 DOCKERFILES = [REPO / "docker" / "Dockerfile", REPO / "docker" / "Dockerfile.cpu"]
 IDS = [p.name for p in DOCKERFILES]

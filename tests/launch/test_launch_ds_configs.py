@@ -84,7 +84,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     out = tmp_path_factory.mktemp("ds-configs") / "results.json"
     specs = [f"{f.relative_to(REPO)}:{s}" for f, s in SPECS]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(Path(__file__).with_name("ds_step_worker.py")), str(out), *specs]
+           str(REPO / "tests" / "workers" / "ds_step_worker.py"), str(out), *specs]
     proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and out.is_file(), \
         f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
-from tests.launch.launch_helpers import launch_env, run_logged
+from tests.helpers import REPO, free_port, launch_env, run_logged
 
 # validate() passes (tiny.yaml's 4 heads, 4096 vocab and 512 FFN all split 4 ways): it is the layout
 # check against the launcher's world size of 2 that fails

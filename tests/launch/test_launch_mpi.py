@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
-from tests.launch.launch_helpers import launch_env, run_logged, train_args
+from tests.helpers import REPO, free_port, launch_env, run_logged, train_args
 
 try:
     import mpi4py  # noqa: F401

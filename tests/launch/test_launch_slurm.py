@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
-from tests.launch.launch_helpers import launch_env, run_logged, signal_after_first_checkpoint, train_args
+from tests.helpers import REPO, free_port, launch_env, run_logged, signal_after_first_checkpoint, train_args
 
 SLURM_DIR = REPO / "launchers" / "slurm"
 SBATCH = SLURM_DIR / "pretrain_owt.sbatch"

@@ -1,7 +1,7 @@
 """TP-aware evaluation statistics on real ranks: each rank holds a vocab slice of the same logits; the
 statistics reduced over the TP group must equal those of the full logits on one device.
 
-usage: torchrun --nproc_per_node N tests/eval/workers/tp_stats.py OUT.json
+usage: torchrun --nproc_per_node N tests/workers/tp_stats.py OUT.json
 """
 
 import json

@@ -1,6 +1,6 @@
 """Train three SelfDistil-T steps under each DeepSpeed JSON given, on every rank; rank 0 writes the outcome.
 
-usage: torchrun --nproc_per_node 2 tests/launch/ds_step_worker.py OUT.json ds_configs/X.json:STAGE ...
+usage: torchrun --nproc_per_node 2 tests/workers/ds_step_worker.py OUT.json ds_configs/X.json:STAGE ...
 
 All configs run in one process group: one startup instead of one per file. A config that DeepSpeed
 refuses on this machine is recorded with DeepSpeed's own message, never replaced by something that runs.

@@ -166,10 +166,11 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
             "flag = _StopFlag()\n"
             "os.kill(os.getpid(), signal.SIGINT)\n"
             "assert flag.signum == signal.SIGINT\n"
+            "print(time.time(), flush=True)\n"
             "os.kill(os.getpid(), signal.SIGINT)\n"
             "time.sleep(60)\n")
-    t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=worker_env(), capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
-    assert "second Ctrl-C" in proc.stderr and time.time() - t0 < 50
+    # timed from the second Ctrl-C, not from the start (importing torch alone can take a minute on a busy machine)
+    assert "second Ctrl-C" in proc.stderr and time.time() - float(proc.stdout) < 50

@@ -300,6 +300,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(p.pipeline == 1 or p.zero_stage == 1, "parallel.zero_stage",
            f"with parallel.pipeline={p.pipeline} use ZeRO stage 1 (DeepSpeed's pipeline engine refuses 2/3, "
            f"and stage 0 clips gradients wrongly)")
+    _check(p.pipeline == 1 or not m.tie_embeddings, "model.tie_embeddings",
+           f"with parallel.pipeline={p.pipeline} set it to false (the embedding and the head live on different "
+           f"stages)")
     # Megatron SP splits the sequence across the TP group
     _check(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel",
            "needs tensor parallelism (parallel.tensor > 1): it splits the sequence across the TP group")

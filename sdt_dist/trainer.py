@@ -202,11 +202,12 @@ class Trainer:
                 "tokens_per_s": tokens / max(dt, 1e-9), "step_time_s": dt,
                 "mfu": mfu(flops, dt, self.dims.world_size, self.peak_flops), "consumed_samples": self.consumed}
 
-    def _should_stop(self, stop: _StopFlag) -> bool:
-        # Every rank must agree, or the ranks that stop would hang the others in the next collective.
-        flag = torch.tensor([0.0 if stop.signum is None else 1.0])
+    def _should_stop(self, stop: _StopFlag) -> int:
+        # Every rank must agree, or the ranks that stop would hang the others in the next collective; the
+        # signal number travels with the flag, so rank 0 can name a signal only another rank received.
+        flag = torch.tensor([float(stop.signum or 0)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+        return int(flag.item())
 
     def fit(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -248,8 +249,8 @@ class Trainer:
                         "val_ppl")] + [clock.describe(self.step)]))
             if self.step % t.save_interval == 0 or self.step == t.max_steps:
                 self.save()
-            if self._should_stop(stop):
-                log0(f"received signal {stop.signum} (on some rank): saving and exiting")
+            if signum := self._should_stop(stop):
+                log0(f"received signal {signum} (on some rank): saving and exiting")
                 if self.step % t.save_interval != 0 and self.step != t.max_steps:
                     self.save()
                 self.metrics.close()

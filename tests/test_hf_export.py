@@ -184,19 +184,71 @@ def test_deepspeeds_consolidation_script_refuses_and_points_at_the_export(ckpts)
     assert "export/" in proc.stderr and "sdt-export-hf" in proc.stderr and "frozen" in proc.stderr
 
 
-@needs_hf
-@pytest.mark.slow
-@pytest.mark.parametrize("layout,overrides", [("TP=2 PP=1", ["parallel.tensor=2"]),
-                                              ("TP=1 PP=2", ["parallel.pipeline=2", "model.num_layers=4"])])
-def test_export_from_a_model_parallel_checkpoint(single_rank, sp_model, tmp_path, layout, overrides):
-    """2 real ranks: the export gathers the TP shards / pipeline stages; transformers gives our TP=1 logits."""
-    from sdt_dist.hf_export import export_hf
+# One 2-rank launch saves every model-parallel and ZeRO checkpoint the tests below read (tests/workers/).
+FREEZE = ["train.max_steps=4", "distill.freeze_milestones=[0.5]", "distill.freeze_fractions=[0.67]"]  # 2 of 3
+PARALLEL = {
+    "tp2_tied": ["parallel.tensor=2", "model.tie_embeddings=true"],
+    "tp2_untied": ["parallel.tensor=2", "model.tie_embeddings=false"],
+    "pp2_untied": ["parallel.pipeline=2", "model.num_layers=4", "model.tie_embeddings=false"],
+    "zero1_dp2_frozen": ["parallel.zero_stage=1", "train.global_batch_size=8", *FREEZE],
+    "zero2_dp2_frozen": ["parallel.zero_stage=2", "train.global_batch_size=8", "model.tie_embeddings=false",
+                         "distill.freeze_embedding=true", *FREEZE],
+}
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(sp_model, tmp_path_factory) -> dict[str, Path]:
     from tests.helpers import run_ranks
 
-    run_ranks(2, "save_checkpoint.py", str(tmp_path / "run"), str(sp_model), "3", *SHAPE, *overrides,
-              "model.tie_embeddings=false", timeout=600)
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000003"
+    root = tmp_path_factory.mktemp("parallel")
+    run_ranks(2, "save_checkpoint.py", str(root), str(sp_model), "3", json.dumps(
+        {name: [*SHAPE, *overrides] for name, overrides in PARALLEL.items()}), timeout=900)
+    return {name: root / name for name in PARALLEL}
+
+
+@needs_hf
+@pytest.mark.slow
+@pytest.mark.parametrize("name,layout", [("tp2_tied", "TP=2 PP=1"), ("tp2_untied", "TP=2 PP=1"),
+                                         ("pp2_untied", "TP=1 PP=2")])
+def test_export_from_a_model_parallel_checkpoint(single_rank, parallel_runs, name, layout, tmp_path):
+    """2 real ranks: the export gathers the TP shards / pipeline stages; transformers gives our TP=1 logits."""
+    from sdt_dist.hf_export import export_hf
+
+    run = parallel_runs[name]
+    ckpt = run / "checkpoints" / "step_00000003"
     assert f"world=2 {layout}" in json.loads((ckpt / "meta.json").read_text())["layout"]
+    tied = json.loads((ckpt / "export" / "model_config.json").read_text())["tie_embeddings"]
+    assert tied is (name == "tp2_tied")
     tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(3))
     for weights in ("student", "teacher"):
-        _close(_ours(ckpt, weights, tokens), _hf(export_hf(tmp_path / "run", tmp_path / weights, weights), tokens))
+        out = export_hf(run, tmp_path / weights, weights)
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
+        _close(_ours(ckpt, weights, tokens), _hf(out, tokens))
+
+
+def test_tied_embeddings_under_pipeline_parallelism_are_refused_before_any_worker():
+    """The embedding and the head live on different pipeline stages, so there is no tied PP checkpoint to export."""
+    from sdt_dist.config import ConfigError, load_config
+    from tests.helpers import TINY
+
+    with pytest.raises(ConfigError, match="model.tie_embeddings: with parallel.pipeline=2 set it to false"):
+        load_config(None, TINY + ["parallel.pipeline=2", "model.tie_embeddings=true"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero1_dp2_frozen", "zero2_dp2_frozen"])
+def test_zero_to_fp32_after_freezing_points_at_the_export(parallel_runs, name):
+    """2 ranks, ZeRO-1/2, layers (and in one case the embedding) frozen: the frozen parameters left the optimizer,
+    so DeepSpeed's script would rebuild a partial model; the one in the checkpoint folder refuses instead."""
+    root = parallel_runs[name] / "checkpoints"
+    ckpt = root / "step_00000003"
+    assert torch.load(ckpt / "rank_00001.pt", weights_only=False)["frozen_layers"] == 2
+    scripts = sorted(root.rglob("zero_to_*.py"))
+    assert {p.name for p in scripts} == {"zero_to_fp32.py", "zero_to_torch.py"}, scripts
+    for script in scripts:
+        out = root.parent / f"consolidated_{script.stem}"
+        proc = subprocess.run([sys.executable, str(script), str(root), str(out), "--tag", ckpt.name],
+                              capture_output=True, text=True, env=worker_env(), timeout=120, cwd=root)
+        assert proc.returncode != 0 and not out.exists(), proc.stdout[-2000:]
+        assert "export/" in proc.stderr and "sdt-export-hf" in proc.stderr, proc.stderr[-2000:]
+    assert (ckpt / "export" / "student.safetensors").is_file()  # where the message points

@@ -33,7 +33,7 @@ from sdt_dist.parallel.engine import (
     model_init_context,
     param_groups,
 )
-from sdt_dist.parallel.finite_step import all_finite, step_without_update, zero0_grads_finite
+from sdt_dist.parallel.finite_step import all_finite, guard_optimizer_step
 from sdt_dist.parallel.optimizer_state import restore_optimizer_state, snapshot_optimizer_state
 from sdt_dist.parallel.pipeline import Pipeline, StageSettings, release_other_stages, stage_pieces
 from sdt_dist.parallel.sequence_parallel import (
@@ -109,7 +109,12 @@ class SDTrainModule:
     def _build_engine(self):
         groups = param_groups(list(self.student.named_parameters()), self.cfg.train.weight_decay)
         t = self.cfg.train
-        return initialize_engine(self.student, groups, self.ds_config, t.lr, tuple(t.betas), self.dims)
+        engine = initialize_engine(self.student, groups, self.ds_config, t.lr, tuple(t.betas), self.dims)
+        # DeepSpeed checks the gradient norm itself except under ZeRO-0; under PP the loss is known only inside
+        # the engine's schedule, on the last stage: check both before the optimizer step
+        guard_optimizer_step(engine, check_grads=engine.zero_optimization_stage() == 0,
+                             losses_finite=None if self.pipeline is None else self.pipeline.losses_finite)
+        return engine
 
     def student_gpt_params(self) -> list[torch.nn.Parameter]:
         """The student parameters the EMA teacher averages (this stage's, under PP), in its order."""
@@ -150,10 +155,10 @@ class SDTrainModule:
         with self.teacher.materialized():
             terms = self.pipeline.train_batch(self.engine, micro_batches, plan, self.dims)
         loss, lm, kd, align = terms.tolist()
-        # Known limit: the schedule has already stepped, so a non-finite loss cannot be skipped under PP.
         return BatchResult(loss=loss, loss_lm=lm, loss_kd=kd, loss_align=align,
                            tokens=int(sum(b["loss_mask"].sum().item() for b in micro_batches)),
-                           dropped_layers=sorted(set().union(*(plan.dropped(m) for m in range(len(micro_batches))))))
+                           dropped_layers=sorted(set().union(*(plan.dropped(m) for m in range(len(micro_batches))))),
+                           skipped=not self.engine.was_step_applied())
 
     def _micro_batch_losses(self, batch: dict[str, torch.Tensor], plan: StepPlan,
                             micro: int) -> dict[str, torch.Tensor]:
@@ -198,11 +203,7 @@ class SDTrainModule:
                 break
             # 4. backward; the engine applies AdamW (with clipping) at the accumulation boundary
             self.engine.backward(terms["total"])
-            if micro == len(micro_batches) - 1 and not zero0_grads_finite(self.engine):
-                step_without_update(self.engine)
-                out.skipped = True
-            else:
-                self.engine.step()
+            self.engine.step()
             # one host transfer for the logged values (after the step has been queued)
             *values, tokens = torch.stack([*(terms[k].detach().float() for k in sums),
                                            batch["loss_mask"].sum().float()]).tolist()
@@ -213,9 +214,8 @@ class SDTrainModule:
         out.loss, out.loss_lm, out.loss_kd, out.loss_align = sums["total"], sums["lm"], sums["kd"], sums["align"]
         out.dropped_layers = sorted(dropped_any)
         if not out.skipped and not self.engine.was_step_applied():
-            # a finite loss with a non-finite gradient norm: DeepSpeed (ZeRO-1/2, or fp16) left weights and
-            # optimizer untouched, on every rank alike (the norm is global), so teacher and schedules must not
-            # move either
+            # a finite loss with a non-finite gradient: DeepSpeed (ZeRO-1/2/3, fp16) or our check (ZeRO-0) left
+            # weights and optimizer untouched, on every rank alike, so teacher and schedules must not move either
             out.skipped = True
         return out
 

@@ -10,9 +10,9 @@
 The step's decisions (which layers LayerDrop skips in each micro-batch, which are aligned, how many run
 without autograd) are fixed first, in an immutable `StepPlan`; `SDTrainModule.train_batch` runs steps 1-4
 with it, one micro-batch at a time or stage by stage under pipeline parallelism.
-A step whose loss is not finite on any rank is skipped everywhere: no backward, no optimizer step, no
-EMA update; so is one whose gradient is not finite (DeepSpeed finds it under ZeRO-1/2/3 and fp16, we check
-it under ZeRO-0).
+A step whose loss or gradient is not finite on any rank is skipped everywhere: no optimizer update, no EMA
+update, no freezing (`parallel/finite_step.py`; DeepSpeed finds a non-finite gradient under ZeRO-1/2/3 and
+fp16, we check it under ZeRO-0, and the loss under pipeline parallelism just before the schedule's step).
 """
 
 from __future__ import annotations

@@ -90,7 +90,8 @@ class Pipeline:
     def train_batch(self, engine, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan,
                     dims) -> torch.Tensor:
         """Steps 1-4 for all micro-batches (the engine's schedule: forward and backward stage by stage, the
-        optimizer step); the mean [total, LM, KD, alignment] over micro-batches, on every stage."""
+        optimizer step, which `finite_step.guard_optimizer_step` skips on every rank if a loss term is not
+        finite); the mean [total, LM, KD, alignment] over micro-batches, on every stage."""
         self.plan, self._terms = plan, []
         engine.train_batch(data_iter=iter([batch_to_pipe(b, m) for m, b in enumerate(micro_batches)]))
         # the terms exist on the last stage: share them with the other stages of this pipeline

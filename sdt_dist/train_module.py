@@ -131,6 +131,12 @@ class SDTrainModule:
         ids = {id(p) for p in frozen_parameters(self.gpt, self.frozen, self.cfg.distill.freeze_embedding)}
         return frozenset(i for i, p in enumerate(self.student_gpt_params()) if id(p) in ids)
 
+    def teacher_gather(self) -> str:
+        """How much of the teacher its forward holds whole at once (for the log)."""
+        if self.pipeline is not None:
+            return f"{self.teacher.full_numel():,} values at once (the whole stage, for each batch, {self.dtype})"
+        return f"{self.teacher.largest_unit_numel():,} values at once (one module at a time, {self.dtype})"
+
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Full student and teacher weights under GPTModel names (collective; complete on global rank 0)."""
         local_ids = {id(p) for p in self.student_gpt_params()}

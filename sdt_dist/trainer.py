@@ -122,9 +122,7 @@ class Trainer:
         log0(f"EMA teacher storage per rank: {teacher.local_numel():,} fp32 values "
              f"({teacher.local_numel() * 4 / 2**20:.1f} MiB) = 1/{dims.dp} of this stage's/TP shard's "
              f"{teacher.full_numel():,}")
-        gathered = teacher.full_numel() if dims.pp > 1 else teacher.largest_unit_numel()
-        log0(f"EMA teacher forward gathers at most {gathered:,} values at once "
-             f"({'the whole stage, for each batch' if dims.pp > 1 else 'one module at a time'}, {self.tm.dtype})")
+        log0(f"EMA teacher forward gathers at most {self.tm.teacher_gather()}")
         self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard,
                                      cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.to_dict())
         self.peak_flops, source = peak_flops(self.tm.dtype, device(), cfg.logging.peak_flops)

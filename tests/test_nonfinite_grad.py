@@ -1,5 +1,6 @@
-"""A non-finite gradient with a finite loss is skipped under ZeRO-0 (our check) and ZeRO-3 (DeepSpeed's):
-weights, Adam state and teacher bitwise unchanged, and the next step trains."""
+"""A non-finite gradient with a finite loss is skipped under ZeRO-0 (our check) and ZeRO-3 (DeepSpeed's), and
+on real ranks at ZeRO-3 DP=2 and PP=2 (where a non-finite loss is skipped too): weights, Adam state and teacher
+bitwise unchanged, and the run trains on."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from sdt_dist.distill import losses
 from sdt_dist.distill.step_plan import StepPlan
 from sdt_dist.model.gpt import GPTModel, embed_tokens
-from sdt_dist.parallel.dims import device
+from sdt_dist.parallel.dims import ParallelDims, device
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
@@ -57,7 +57,8 @@ class Pipeline:
         self.plan = StepPlan.evaluation()
         self._terms: list[torch.Tensor] = []  # [total, LM, KD, alignment] per micro-batch, on the last stage
 
-    def module(self, student: GPTModel, predictors: torch.nn.ModuleDict, teacher: GPTModel, dims) -> torch.nn.Module:
+    def module(self, student: GPTModel, predictors: torch.nn.ModuleDict, teacher: GPTModel,
+               dims: ParallelDims) -> torch.nn.Module:
         """DeepSpeed's PipelineModule over megatron's layout: its topology's rank order agrees with
         megatron-core's groups (pipe outermost, then data, then tensor)."""
         from deepspeed.pipe import PipelineModule
@@ -88,7 +89,7 @@ class Pipeline:
         return total
 
     def train_batch(self, engine, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan,
-                    dims) -> torch.Tensor:
+                    dims: ParallelDims) -> torch.Tensor:
         """Steps 1-4 for all micro-batches (the engine's schedule: forward and backward stage by stage, the
         optimizer step, which `finite_step.guard_optimizer_step` skips on every rank if a loss term is not
         finite); the mean [total, LM, KD, alignment] over micro-batches, on every stage."""

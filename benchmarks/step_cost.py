@@ -219,7 +219,7 @@ def _separate_lm_kd(logits, teacher_logits, labels, mask, temperature, tp_group)
 def levers(args: argparse.Namespace) -> None:
     """Plain step with DeepSpeed's gradient all-reduce restored, SD step with the separate LM and KD losses
     restored, each against the same step with the lever (one process, interleaved)."""
-    import sdt_dist.train_step as ts
+    import sdt_dist.train_module as ts
 
     cfg = make_cfg(args)
     arms: dict[str, Callable] = {"peer plain": peer_arm(cfg, False)}

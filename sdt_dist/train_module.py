@@ -1,17 +1,25 @@
 """SDTrainModule: owns the student (+ predictors) inside a DeepSpeed engine, the EMA teacher and the
 freezing state. The trainer drives it; `train_step.py` is the algorithm written against it.
+
+`train_batch` and `eval_loss` are the same calls in every layout: without pipeline parallelism the student
+and teacher run here one micro-batch at a time; with it, DeepSpeed's pipeline engine runs them stage by
+stage (`parallel/pipeline.py`). Either way the total loss comes from `losses.combine_losses`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
-from megatron.core import parallel_state as ps
 
 from sdt_dist.config import Config
+from sdt_dist.distill import losses
 from sdt_dist.distill.freezing import frozen_parameters
+from sdt_dist.distill.fused_lm_kd import lm_kd_losses
 from sdt_dist.distill.layerdrop import layer_probs
 from sdt_dist.distill.predictor import build_predictors, predictor_spec
 from sdt_dist.distill.schedules import layer_map
+from sdt_dist.distill.step_plan import StepPlan
 from sdt_dist.distill.teacher import EmaTeacher
 from sdt_dist.export import gather_full_state
 from sdt_dist.init_from import load_initial_weights
@@ -25,13 +33,28 @@ from sdt_dist.parallel.engine import (
     model_init_context,
     param_groups,
 )
+from sdt_dist.parallel.finite_step import all_finite, guard_optimizer_step
 from sdt_dist.parallel.optimizer_state import restore_optimizer_state, snapshot_optimizer_state
-from sdt_dist.parallel.pipeline import PipeContext, build_pipeline_module, release_other_stages, stage_pieces
+from sdt_dist.parallel.pipeline import Pipeline, StageSettings, release_other_stages, stage_pieces
 from sdt_dist.parallel.sequence_parallel import (
     allreduce_sequence_parallel_grads,
     mark_sequence_parallel,
     place_megatron_buffers_on_accelerator,
 )
+
+
+@dataclass
+class BatchResult:
+    """One optimizer step's batch: loss terms averaged over its micro-batches (this rank's), the tokens that
+    counted, the layers LayerDrop skipped in any micro-batch, and whether the update was skipped."""
+
+    loss: float = 0.0
+    loss_lm: float = 0.0
+    loss_kd: float = 0.0
+    loss_align: float = 0.0
+    tokens: int = 0
+    dropped_layers: list[int] = field(default_factory=list)
+    skipped: bool = False
 
 
 class SDTrainModule:
@@ -67,18 +90,17 @@ class SDTrainModule:
         self.frozen = 0
         dp_group = dims.dp_group if dims.dp > 1 else None
         if dims.pp == 1:
-            self.pipe_ctx = None
+            self.pipeline = None
             self.student = Student(gpt, predictors)
             self.engine = self._build_engine()
             self.ema_source: torch.nn.Module = gpt
             self.teacher = EmaTeacher(teacher_gpt, gpt, dp_group, self.dtype)
         else:
-            self.pipe_ctx = PipeContext(
-                seed=cfg.train.seed, drop_probs=self.drop_probs, temperature=d.temperature, lambda_kd=d.lambda_kd,
-                lambda_sd=d.lambda_sd, align_reduce=d.align_reduce, dtype=self.dtype,
+            self.pipeline = Pipeline(StageSettings(
+                weights=d, temperature=d.temperature, align_reduce=d.align_reduce, dtype=self.dtype,
                 tp_group=dims.tp_group if dims.tp > 1 else None,
-                sp_group=dims.tp_group if cfg.parallel.sequence_parallel else None)
-            self.student = build_pipeline_module(gpt, predictors, teacher_gpt, self.pipe_ctx, dims)
+                sp_group=dims.tp_group if cfg.parallel.sequence_parallel else None))
+            self.student = self.pipeline.module(gpt, predictors, teacher_gpt, dims)
             self.engine = self._build_engine()
             self.ema_source, teacher_pieces = stage_pieces(self.student)
             self.teacher = EmaTeacher(teacher_pieces, self.ema_source, dp_group, self.dtype)
@@ -88,7 +110,12 @@ class SDTrainModule:
     def _build_engine(self):
         groups = param_groups(list(self.student.named_parameters()), self.cfg.train.weight_decay)
         t = self.cfg.train
-        return initialize_engine(self.student, groups, self.ds_config, t.lr, tuple(t.betas), self.dims)
+        engine = initialize_engine(self.student, groups, self.ds_config, t.lr, tuple(t.betas), self.dims)
+        # DeepSpeed checks the gradient norm itself except under ZeRO-0; under PP the loss is known only inside
+        # the engine's schedule, on the last stage: check both before the optimizer step
+        guard_optimizer_step(engine, check_grads=engine.zero_optimization_stage() == 0,
+                             losses_finite=None if self.pipeline is None else self.pipeline.losses_finite)
+        return engine
 
     def student_gpt_params(self) -> list[torch.nn.Parameter]:
         """The student parameters the EMA teacher averages (this stage's, under PP), in its order."""
@@ -113,6 +140,12 @@ class SDTrainModule:
         ids = {id(p) for p in frozen_parameters(self.gpt, self.frozen, self.cfg.distill.freeze_embedding)}
         return frozenset(i for i, p in enumerate(self.student_gpt_params()) if id(p) in ids)
 
+    def teacher_gather(self) -> str:
+        """How much of the teacher its forward holds whole at once (for the log)."""
+        if self.pipeline is not None:
+            return f"{self.teacher.full_numel():,} values at once (the whole stage, for each batch, {self.dtype})"
+        return f"{self.teacher.largest_unit_numel():,} values at once (one module at a time, {self.dtype})"
+
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Full student and teacher weights under GPTModel names (collective; complete on global rank 0)."""
         local_ids = {id(p) for p in self.student_gpt_params()}
@@ -120,9 +153,96 @@ class SDTrainModule:
         teacher_values = dict(zip((id(p) for p in self.teacher.params), self.teacher.full_parameters()))
         teacher = [(n, p) for n, p in self.teacher_gpt.named_parameters() if id(p) in teacher_values]
         tp_group = self.dims.tp_group if self.dims.tp > 1 else None
-        pp_group = ps.get_pipeline_model_parallel_group() if self.dims.pp > 1 else None
+        pp_group = self.dims.pp_group if self.dims.pp > 1 else None
         return (gather_full_state(student, None, tp_group, pp_group),
                 gather_full_state(teacher, [teacher_values[id(p)] for _, p in teacher], tp_group, pp_group))
+
+    def plan(self, step: int, aligned: list[int]) -> StepPlan:
+        """The decisions of training step `step` (the same on every rank)."""
+        return StepPlan(step=step, training=True, aligned=frozenset(aligned), no_grad_prefix=self.no_grad_prefix,
+                        drop_probs=tuple(self.drop_probs), seed=self.cfg.train.seed)
+
+    def train_batch(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> BatchResult:
+        """Steps 1-4 of Algorithm 1 for one optimizer step: per micro-batch the student forward with LayerDrop,
+        the teacher forward, the losses and backward; the optimizer steps at the accumulation boundary."""
+        if self.pipeline is None:
+            return self._micro_batches(micro_batches, plan)
+        with self.teacher.materialized():
+            terms = self.pipeline.train_batch(self.engine, micro_batches, plan, self.dims)
+        loss, lm, kd, align = terms.tolist()
+        return BatchResult(loss=loss, loss_lm=lm, loss_kd=kd, loss_align=align,
+                           tokens=int(sum(b["loss_mask"].sum().item() for b in micro_batches)),
+                           dropped_layers=sorted(set().union(*(plan.dropped(m) for m in range(len(micro_batches))))),
+                           skipped=not self.engine.was_step_applied())
+
+    def _micro_batch_losses(self, batch: dict[str, torch.Tensor], plan: StepPlan,
+                            micro: int) -> dict[str, torch.Tensor]:
+        """Steps 1-3 for one micro-batch: the loss terms, as tensors."""
+        d = self.cfg.distill
+        tp_group = self.dims.tp_group if self.dims.tp > 1 else None
+        tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+        # 1. student forward with LayerDrop (the plan's skips are the same on every rank: ZeRO-3 gathers
+        # parameters with DP collectives, so all ranks must run the same layers); predictors q_l on the
+        # aligned layers that ran
+        logits, predictions = self.engine(tokens, skip=plan.dropped(micro), frozen_prefix=plan.no_grad_prefix,
+                                          aligned=tuple(sorted(plan.aligned)))
+        terms: dict[str, torch.Tensor] = {}
+        # 2. teacher forward (no grad, no dropout, no LayerDrop)
+        if d.lambda_kd > 0 or predictions:
+            teacher = self.teacher(tokens)
+            # 3. LM and KD in one pass over the logits, then the alignment terms
+            terms["lm"], terms["kd"] = lm_kd_losses(logits, teacher.logits, labels, mask, d.temperature, tp_group)
+            sp_group = tp_group if self.cfg.parallel.sequence_parallel else None
+            terms["align"] = losses.align_loss(predictions, teacher.hidden, self.layer_map, mask, sp_group,
+                                               reduce=d.align_reduce)
+        else:
+            terms["lm"] = losses.lm_loss(logits, labels, mask, tp_group)
+            terms["kd"] = terms["align"] = torch.zeros((), device=logits.device)
+        terms["total"] = losses.combine_losses(terms["lm"], terms["kd"], terms["align"], d)
+        return terms
+
+    def _micro_batches(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> BatchResult:
+        out = BatchResult()
+        sums = {"total": 0.0, "lm": 0.0, "kd": 0.0, "align": 0.0}
+        dropped_any: set[int] = set()
+        for micro, batch in enumerate(micro_batches):
+            terms = self._micro_batch_losses(batch, plan, micro)
+            if not all_finite(terms["total"]):
+                if micro > 0:
+                    # Earlier micro-batches already accumulated gradients inside DeepSpeed, and its accumulation
+                    # counter has moved: there is no clean way back, so stop rather than corrupt the step.
+                    raise RuntimeError(f"non-finite loss in micro-batch {micro} of step {plan.step}; the step "
+                                       f"cannot be skipped after gradient accumulation began. Resume from the last "
+                                       f"checkpoint.")
+                out.skipped = True
+                break
+            # 4. backward; the engine applies AdamW (with clipping) at the accumulation boundary
+            self.engine.backward(terms["total"])
+            self.engine.step()
+            # one host transfer for the logged values (after the step has been queued)
+            *values, tokens = torch.stack([*(terms[k].detach().float() for k in sums),
+                                           batch["loss_mask"].sum().float()]).tolist()
+            for k, v in zip(sums, values):
+                sums[k] += v / len(micro_batches)
+            dropped_any |= plan.dropped(micro)
+            out.tokens += int(tokens)
+        out.loss, out.loss_lm, out.loss_kd, out.loss_align = sums["total"], sums["lm"], sums["kd"], sums["align"]
+        out.dropped_layers = sorted(dropped_any)
+        if not out.skipped and not self.engine.was_step_applied():
+            # a finite loss with a non-finite gradient: DeepSpeed (ZeRO-1/2/3, fp16) or our check (ZeRO-0) left
+            # weights and optimizer untouched, on every rank alike, so teacher and schedules must not move either
+            out.skipped = True
+        return out
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> float:
+        """The student's LM loss on one batch (no LayerDrop, no teacher), the same on every rank of a TP group
+        and a pipeline."""
+        if self.pipeline is not None:
+            return self.pipeline.eval_loss(self.engine, batch)
+        logits, _ = self.engine(batch["tokens"])
+        return losses.lm_loss(logits, batch["labels"], batch["loss_mask"],
+                              self.dims.tp_group if self.dims.tp > 1 else None).item()
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

@@ -25,13 +25,11 @@ from sdt_dist.data.loader import MicroBatchIterator, build_datasets
 from sdt_dist.data.manifest import verify_prepared
 from sdt_dist.data.prepare import prepare_configured
 from sdt_dist.data.tokenizer import check_vocab, load_tokenizer
-from sdt_dist.distill.losses import lm_loss
 from sdt_dist.eval.compute import layer_params, step_flops
 from sdt_dist.faults import maybe_die
 from sdt_dist.metrics import MetricsLogger
 from sdt_dist.mfu import mfu, peak_flops
 from sdt_dist.parallel.dims import ParallelDims, device
-from sdt_dist.parallel.pipeline import batch_to_pipe
 from sdt_dist.plan.measure import PlanCheck
 from sdt_dist.progress import StepClock
 from sdt_dist.resume import check_config, choose_on_all_ranks
@@ -123,9 +121,7 @@ class Trainer:
         log0(f"EMA teacher storage per rank: {teacher.local_numel():,} fp32 values "
              f"({teacher.local_numel() * 4 / 2**20:.1f} MiB) = 1/{dims.dp} of this stage's/TP shard's "
              f"{teacher.full_numel():,}")
-        gathered = teacher.full_numel() if dims.pp > 1 else teacher.largest_unit_numel()
-        log0(f"EMA teacher forward gathers at most {gathered:,} values at once "
-             f"({'the whole stage, for each batch' if dims.pp > 1 else 'one module at a time'}, {self.tm.dtype})")
+        log0(f"EMA teacher forward gathers at most {self.tm.teacher_gather()}")
         self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard,
                                      cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.to_dict())
         self.peak_flops, source = peak_flops(self.tm.dtype, device(), cfg.logging.peak_flops)
@@ -168,22 +164,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation perplexity: token-level, over non-overlapping windows of the held-out split."""
-        engine, ctx = self.tm.engine, self.tm.pipe_ctx
+        engine = self.tm.engine
         engine.eval()
         dev = device()
         nll = torch.zeros(2, dtype=torch.float64)
         it = MicroBatchIterator(self.valid_ds, micro_batch_size=self.cfg.train.micro_batch_size,
                                 dp_rank=self.dims.dp_rank, dp_size=self.dims.dp)
-        tp_group = self.dims.tp_group if self.dims.tp > 1 else None
         for _ in range(max(1, self.cfg.train.eval_samples // (self.cfg.train.micro_batch_size * self.dims.dp))):
             batch = {k: v.to(dev) for k, v in next(it).items()}
-            if ctx is None:
-                logits, _ = engine(batch["tokens"])
-                loss = lm_loss(logits, batch["labels"], batch["loss_mask"], tp_group).item()
-            else:  # the pipeline schedule runs the stages; the loss comes back to every stage
-                ctx.training = False
-                loss = engine.eval_batch(iter([batch_to_pipe(batch, 0)]), num_micro_batches=1).item()
-                ctx.training = True
+            loss = self.tm.eval_loss(batch)
             n = batch["loss_mask"].sum().item()
             nll += torch.tensor([loss * n, n], dtype=torch.float64)
         dist.all_reduce(nll, group=self.dims.dp_group)

@@ -1,5 +1,6 @@
-"""A non-finite gradient with a finite loss is skipped under ZeRO-0 (our check) and ZeRO-3 (DeepSpeed's):
-weights, Adam state and teacher bitwise unchanged, and the next step trains."""
+"""A non-finite gradient with a finite loss is skipped under ZeRO-0 (our check) and ZeRO-3 (DeepSpeed's), and
+on real ranks at ZeRO-3 DP=2 and PP=2 (where a non-finite loss is skipped too): weights, Adam state and teacher
+bitwise unchanged, and the run trains on."""
 
 from __future__ import annotations
 
@@ -38,3 +39,36 @@ def test_non_finite_gradient_with_finite_loss_is_skipped(single_rank, stage):
     assert all(torch.equal(a, b) for a, b in zip(adam, _adam_state(tm)))
     res = train_step(tm, [random_batch(cfg, 2), random_batch(cfg, 12)], 2)
     assert not res.skipped and any(not torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))
+
+
+# (fault plan `<step>:<kind>@<rank>`, layout); grad: an infinite gradient on one rank, finite loss; loss: a NaN
+# loss whose gradient is finite (only the loss check can catch it). Under PP, rank 0 is the first stage and rank 1
+# the last (where the loss is computed): each fault sits on another stage than where it must be caught.
+MULTI_RANK = {
+    "zero3_dp2": ("1:grad@1", ["parallel.zero_stage=3"]),
+    "pp2": ("1:grad@0,3:loss@1", ["parallel.pipeline=2", "parallel.zero_stage=1", "model.tie_embeddings=false",
+                                  "distill.layerdrop_p=0.3"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(MULTI_RANK))
+def test_non_finite_steps_are_skipped_on_every_rank_and_the_run_equals_one_without_them(tmp_path, layout):
+    """Real ranks (gloo): the faulty steps are skipped on every rank with weights, Adam state (moments and step
+    counts) and teacher bitwise unchanged; the run goes on, and its later losses and final weights, Adam state
+    and teacher equal bitwise those of a run that never took the faulty steps."""
+    from tests.helpers import read_json, run_ranks
+
+    faults, overrides = MULTI_RANK[layout]
+    out = tmp_path / "out.json"
+    run_ranks(2, "nonfinite_skip.py", str(out), faults, "model.dropout=0", "distill.ema_tau=0.5",
+              "train.global_batch_size=8", *overrides)
+    rows = read_json(out)
+    kinds = [f.split(":")[1].split("@")[0] for f in faults.split(",")]
+    for row in rows:
+        assert row["skipped"] == [True] * len(kinds)
+        assert row["loss_finite"] == [kind == "grad" for kind in kinds]
+        assert row["unchanged"] == [True] * len(kinds)
+        assert row["others_skipped"] == [False] * len(row["losses"]) and len(row["losses"]) >= 3
+        assert row["losses"] == row["losses_ref"]
+        assert row["final_equal"]

@@ -32,7 +32,7 @@ def test_non_finite_loss_skips_the_step_everywhere(single_rank, monkeypatch):
     real_lm_loss = losses.lm_loss
     monkeypatch.setattr(losses, "lm_loss", lambda *a, **k: real_lm_loss(*a, **k) * float("nan"))
     # with a teacher, LM and KD come from one fused pass: its LM term goes non-finite too
-    import sdt_dist.train_step as step_module
+    import sdt_dist.train_module as step_module
 
     real_fused = step_module.lm_kd_losses
     monkeypatch.setattr(step_module, "lm_kd_losses",

@@ -7,11 +7,26 @@ non-padding tokens (`loss_mask`), never a sum over positions.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+
+class LossWeights(Protocol):
+    """The weights of the total loss (`DistillConfig` has them)."""
+
+    lambda_kd: float
+    lambda_sd: float
+
+
+def combine_losses(lm: torch.Tensor, kd: torch.Tensor, align: torch.Tensor, weights: LossWeights) -> torch.Tensor:
+    """The total loss LM + lambda_KD * KD + lambda_SD * alignment, written here only: every layout (one
+    micro-batch at a time, or the last pipeline stage) combines its terms with this."""
+    return lm + weights.lambda_kd * kd + weights.lambda_sd * align
 
 
 def _local_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -44,6 +44,15 @@ class ParallelDims:
         return ps.get_data_parallel_group()
 
     @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return ps.get_pipeline_model_parallel_group()
+
+    @property
+    def pp_last_rank(self) -> int:
+        """Global rank of the last stage of this rank's pipeline (where the loss is computed)."""
+        return ps.get_pipeline_model_parallel_last_rank()
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

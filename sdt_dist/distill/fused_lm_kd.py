@@ -9,7 +9,7 @@ both losses and keeps only what their gradients need:
 in place into one gradient in backward. Logits stay vocab-parallel under TP: the softmax statistics (max,
 sum of exponentials, the label's logit, the KL partial sums) are all-reduced over the TP group as plain
 values, and the backward needs no communication (each rank's gradient is its own vocabulary slice).
-Same values as `lm_loss` and `kd_loss` up to float rounding (tests/test_fused_lm_kd.py).
+Same values as `lm_loss` and `kd_loss` up to float rounding (tests/distill/test_fused_lm_kd.py).
 """
 
 from __future__ import annotations

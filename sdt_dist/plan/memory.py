@@ -1,6 +1,6 @@
 """Per-rank memory of a SelfDistil-T run under a layout, term by term, from the parameter inventory.
 
-Exact terms (they equal the bytes the engine allocates: `tests/test_plan.py`) follow DeepSpeed 0.19's
+Exact terms (they equal the bytes the engine allocates: `tests/plan/test_plan.py`) follow DeepSpeed 0.19's
 allocation rules:
   * parameters (compute dtype): ZeRO-0 whole; ZeRO-1/2 one flat buffer per AdamW group (decay, no-decay),
     padded to a multiple of 2 x DP elements; ZeRO-3 a 1/DP partition of every parameter (ceil), plus a whole

@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import make_cfg, tiny_model
-from tests.sdt_probe import full_student_params
+from tests.helpers import full_student_params, make_cfg, tiny_model
 
 
 @pytest.fixture(scope="module")

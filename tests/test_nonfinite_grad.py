@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import make_cfg, random_batch
-from tests.sdt_probe import full_student_params
+from tests.helpers import full_student_params, make_cfg, random_batch
 
 
 def _adam_state(tm) -> list[torch.Tensor]:

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from sdt_dist.config import Config, ConfigError, check_layout, load_config
 from sdt_dist.distill import losses
-from tests.helpers import OWT, REPO, TINY, free_port, make_cfg, random_batch, worker_env
-from tests.sdt_probe import full_student_params
+from tests.helpers import OWT, REPO, TINY, free_port, full_student_params, make_cfg, random_batch, worker_env
 
 
 def test_non_finite_loss_skips_the_step_everywhere(single_rank, monkeypatch):

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from sdt_dist.distill.freezing import frozen_parameters
-from tests.helpers import make_cfg, random_batch
-from tests.sdt_probe import run
+from tests.helpers import make_cfg, random_batch, run_probe
 
 # 12 steps; milestones at steps 3 and 6 freeze floor(0.25*4)=1 then floor(0.5*4)=2 layers (+ embedding)
 FREEZE = ["train.max_steps=12", "distill.freeze_milestones=[0.25,0.5]", "distill.freeze_fractions=[0.25,0.5]",
@@ -18,7 +17,7 @@ EMBEDDING = {"frozen": ["distill.freeze_embedding=true"],
 
 @pytest.fixture(scope="module")
 def runs(single_rank):
-    return {(stage, emb): run(make_cfg(f"parallel.zero_stage={stage}", *FREEZE, *EMBEDDING[emb]), single_rank,
+    return {(stage, emb): run_probe(make_cfg(f"parallel.zero_stage={stage}", *FREEZE, *EMBEDDING[emb]), single_rank,
                               steps=9)
             for stage in (0, 1, 2, 3) for emb in ("frozen", "trained")}
 
@@ -86,7 +85,7 @@ def test_a_trainable_embedding_keeps_learning_after_every_milestone(runs, stage)
 
 
 def test_a_tied_embedding_and_head_keep_learning_after_the_milestones(single_rank):
-    out = run(make_cfg("parallel.zero_stage=3", *FREEZE, *EMBEDDING["trained_tied"]), single_rank, steps=9)
+    out = run_probe(make_cfg("parallel.zero_stage=3", *FREEZE, *EMBEDDING["trained_tied"]), single_rank, steps=9)
     tm = out["tm"]
     assert tm.gpt.tie_embeddings and tm.frozen == 2
     idx = _embedding_indices(tm)

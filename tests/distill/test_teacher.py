@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from tests.helpers import make_cfg
-from tests.sdt_probe import ema_closed_form, run
+from tests.helpers import ema_closed_form, make_cfg, run_probe
 
 NO_FREEZE = ["distill.freeze_milestones=[0.97,0.98,0.99]", "distill.freeze_fractions=[0.1,0.2,0.3]"]
 
@@ -10,7 +9,7 @@ NO_FREEZE = ["distill.freeze_milestones=[0.97,0.98,0.99]", "distill.freeze_fract
 @pytest.mark.parametrize("stage", [0, 3])
 def test_teacher_equals_closed_form_of_student_history(single_rank, stage):
     cfg = make_cfg(f"parallel.zero_stage={stage}", "distill.ema_tau=0.8", *NO_FREEZE)
-    out = run(cfg, single_rank, steps=5)
+    out = run_probe(cfg, single_rank, steps=5)
     assert all(torch.equal(a, b) for a, b in zip(out["teacher0"], out["history"][0]))  # init = student
     expected = ema_closed_form(out["history"], [0.8] * 5)
     for got, exp in zip(out["teacher"], expected):
@@ -25,7 +24,7 @@ def test_teacher_equals_closed_form_of_student_history(single_rank, stage):
 
 def test_annealed_tau_follows_schedule(single_rank):
     cfg = make_cfg("distill.ema_tau=0.5", "distill.ema_tau_end=0.9", "distill.ema_anneal_frac=0.2", *NO_FREEZE)
-    out = run(cfg, single_rank, steps=5)
+    out = run_probe(cfg, single_rank, steps=5)
     taus = [r.tau for r in out["records"]]
     assert taus == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
     for got, exp in zip(out["teacher"], ema_closed_form(out["history"], taus)):
@@ -35,7 +34,7 @@ def test_annealed_tau_follows_schedule(single_rank):
 def test_frozen_layers_are_copied_not_averaged(single_rank):
     # milestone at step 2 of 20 freezes floor(0.5*4)=2 layers and the embedding
     cfg = make_cfg("distill.ema_tau=0.9", "distill.freeze_milestones=[0.1]", "distill.freeze_fractions=[0.5]")
-    out = run(cfg, single_rank, steps=4)
+    out = run_probe(cfg, single_rank, steps=4)
     tm = out["tm"]
     frozen = tm.frozen_indices()
     assert tm.frozen == 2 and frozen

@@ -12,8 +12,7 @@ import torch.distributed as dist
 
 from sdt_dist.distill.freezing import frozen_parameters
 from sdt_dist.parallel.dims import destroy_parallel, init_parallel
-from tests.helpers import make_cfg, random_batch
-from tests.sdt_probe import ema_closed_form, run
+from tests.helpers import ema_closed_form, make_cfg, random_batch, run_probe
 
 
 def resident_numel(module: torch.nn.Module) -> int:
@@ -25,7 +24,7 @@ def main() -> None:
     out_path, steps, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     cfg = make_cfg(*overrides)
     dims = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage)
-    out = run(cfg, dims, steps)
+    out = run_probe(cfg, dims, steps)
     tm = out["tm"]
     per_step = torch.tensor([[r.loss, r.loss_lm, r.loss_kd, r.loss_align] for r in out["records"]],
                             dtype=torch.float64)

@@ -18,8 +18,7 @@ from sdt_dist.distill import losses
 from sdt_dist.parallel.dims import destroy_parallel, init_parallel
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import train_step
-from tests.helpers import make_cfg, random_batch
-from tests.sdt_probe import full_student_params
+from tests.helpers import full_student_params, make_cfg, random_batch
 
 STEPS = 5
 

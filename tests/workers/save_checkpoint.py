@@ -15,8 +15,7 @@ from megatron.core import parallel_state as ps
 from sdt_dist import checkpoint
 from sdt_dist.data.tokenizer import Tokenizer
 from sdt_dist.parallel.dims import destroy_parallel, init_parallel
-from tests.helpers import make_cfg
-from tests.sdt_probe import run
+from tests.helpers import make_cfg, run_probe
 
 
 def main() -> None:
@@ -26,7 +25,7 @@ def main() -> None:
         if ps.model_parallel_is_initialized():  # the previous case's TP/PP groups; the world stays
             ps.destroy_model_parallel()
         dims = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage)
-        tm = run(cfg, dims, steps)["tm"]
+        tm = run_probe(cfg, dims, steps)["tm"]
         meta = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "tokenizer_sha256": Tokenizer(sp_model).sha256,
                 "world_size": dims.world_size, "layout": dims.describe(), "step": steps,
                 "consumed_samples": steps * cfg.train.global_batch_size}

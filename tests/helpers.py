@@ -82,6 +82,17 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def finish_worker() -> None:
+    """End a tests/workers/ process: tear down its process groups, then exit without running C++ static
+    destructors (DeepSpeed's CPU comm op sometimes aborts there after all work is done; cpu-facts)."""
+    from sdt_dist.parallel.dims import destroy_parallel
+
+    destroy_parallel()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_ranks(nproc: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run tests/workers/<script> on `nproc` real processes (torchrun, gloo) and fail loudly."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import traceback
 
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from sdt_dist.parallel.dims import destroy_parallel, init_parallel
+from sdt_dist.parallel.dims import init_parallel
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import train_step
-from tests.helpers import make_cfg, random_batch
+from tests.helpers import finish_worker, make_cfg, random_batch
 
 
 def run_one(path: str, stage: int, dims) -> dict:
@@ -58,12 +57,8 @@ def main() -> None:
     if dims.rank == 0:
         with open(out_path, "w") as fh:
             json.dump(results, fh)
-    destroy_parallel()
-    # skip C++ static destructors, which sometimes abort after all work is done (see sdt_dist/cli.py)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    finish_worker()

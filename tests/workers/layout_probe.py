@@ -4,15 +4,14 @@ usage: torchrun --nproc_per_node N tests/workers/layout_probe.py OUT.json STEPS 
 """
 
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
 from sdt_dist.distill.freezing import frozen_parameters
-from sdt_dist.parallel.dims import destroy_parallel, init_parallel
-from tests.helpers import ema_closed_form, make_cfg, random_batch, run_probe
+from sdt_dist.parallel.dims import init_parallel
+from tests.helpers import ema_closed_form, finish_worker, make_cfg, random_batch, run_probe
 
 
 def resident_numel(module: torch.nn.Module) -> int:
@@ -65,11 +64,8 @@ def main() -> None:
                    "ranks": [g[0].tolist() for g in gathered], "dp": dims.dp, "tp": dims.tp,
                    "hidden_rows": hidden_rows, "engine_bytes": engine_bytes},
                   open(out_path, "w"))
-    destroy_parallel()
 
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip C++ static destructors (DeepSpeed's CPU comm op can abort there)
+    finish_worker()

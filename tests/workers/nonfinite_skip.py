@@ -8,17 +8,16 @@ bitwise the same across it, and whether the rest of the run equals the reference
 """
 
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
 from sdt_dist.distill import losses
-from sdt_dist.parallel.dims import destroy_parallel, init_parallel
+from sdt_dist.parallel.dims import init_parallel
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import train_step
-from tests.helpers import full_student_params, make_cfg, random_batch
+from tests.helpers import finish_worker, full_student_params, make_cfg, random_batch
 
 STEPS = 5
 
@@ -84,11 +83,8 @@ def main() -> None:
     dist.all_gather_object(rows, row)
     if dims.rank == 0:
         json.dump(rows, open(out_path, "w"))
-    destroy_parallel()
 
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip C++ static destructors (DeepSpeed's CPU comm op can abort there)
+    finish_worker()

@@ -18,10 +18,10 @@ from megatron.core import parallel_state as ps
 from safetensors.torch import load_file, save_file
 
 from sdt_dist import checkpoint
-from sdt_dist.parallel.dims import destroy_parallel, init_parallel
+from sdt_dist.parallel.dims import init_parallel
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import train_step
-from tests.helpers import make_cfg, random_batch
+from tests.helpers import finish_worker, make_cfg, random_batch
 
 K, N = 4, 3  # freezing after steps 3 and 6 (BASE): saved with 1 layer frozen, the second milestone comes after
 BASE = ["model.dropout=0", "distill.layerdrop_p=0", "train.max_steps=12", "train.global_batch_size=8",
@@ -97,11 +97,8 @@ def main() -> None:
             resume(out, source, "same", overrides)
         for target, target_overrides in TARGETS[int(os.environ["WORLD_SIZE"])].items():
             resume(out, source, target, target_overrides)
-    destroy_parallel()
 
 
 if __name__ == "__main__":
     main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # skip C++ static destructors (DeepSpeed's CPU comm op can abort there)
+    finish_worker()

@@ -6,7 +6,6 @@ usage: torchrun --nproc_per_node N tests/workers/save_checkpoint.py ROOT SP_MODE
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from megatron.core import parallel_state as ps
 
 from sdt_dist import checkpoint
 from sdt_dist.data.tokenizer import Tokenizer
-from sdt_dist.parallel.dims import destroy_parallel, init_parallel
-from tests.helpers import make_cfg, run_probe
+from sdt_dist.parallel.dims import init_parallel
+from tests.helpers import finish_worker, make_cfg, run_probe
 
 
 def main() -> None:
@@ -30,12 +29,8 @@ def main() -> None:
                 "world_size": dims.world_size, "layout": dims.describe(), "step": steps,
                 "consumed_samples": steps * cfg.train.global_batch_size}
         checkpoint.save(tm, root / name / "checkpoints", steps, meta["consumed_samples"], meta, keep=1)
-    destroy_parallel()
-    # skip C++ static destructors: DeepSpeed's CPU comm op sometimes aborts there (docs: cpu-facts)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
     main()
+    finish_worker()

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from safetensors.torch import load_file, save_file
 
 from sdt_dist.export import gather_full_state
@@ -27,12 +25,6 @@ from sdt_dist.resume_layout import FULL_OPTIMIZER
 
 _KINDS = ("fp32", "exp_avg", "exp_avg_sq")
 _STEP = "adam_step"
-
-
-def _groups(tm) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
-    tp_group = tm.dims.tp_group if tm.dims.tp > 1 else None
-    pp_group = ps.get_pipeline_model_parallel_group() if tm.dims.pp > 1 else None
-    return tp_group, pp_group
 
 
 def full_optimizer_state(tm) -> dict[str, torch.Tensor]:
@@ -46,7 +38,7 @@ def full_optimizer_state(tm) -> dict[str, torch.Tensor]:
             if kind in entry:
                 named.append((f"{kind}/{name}", p))
                 tensors.append(entry[kind])
-    out = gather_full_state(named, tensors, *_groups(tm))
+    out = gather_full_state(named, tensors, tm.dims.tp_split, tm.dims.pp_split)
     if snap["step"] is not None and out:
         out[_STEP] = snap["step"].detach().float().reshape(1).cpu()
     return out
@@ -75,7 +67,7 @@ def load_at_new_layout(tm, path: Path) -> dict[str, Any]:
     tm.freeze(extra["frozen_layers"], carry_state=False)  # the optimizer now holds the saved one's parameters
     opt = load_file(str(path / FULL_OPTIMIZER))
     student = load_file(str(path / "export" / "student.safetensors"))
-    tp_group, _ = _groups(tm)
+    tp_group = tm.dims.tp_split
     kept, entries = [], []
     for name, p in tm.named_student_parameters():
         # a trainable parameter's fp32 master is exact even under bf16; a frozen one's weight is in the export

@@ -75,7 +75,7 @@ class SDTrainModule:
                            m.rope_base)
             predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std)
         if cfg.train.init_from is not None:  # before the engine copies the weights and the teacher takes them
-            load_initial_weights(gpt, cfg.train.init_from, m, dims.tp_group if dims.tp > 1 else None)
+            load_initial_weights(gpt, cfg.train.init_from, m, dims.tp_split)
         if cfg.parallel.sequence_parallel:
             # predictors see this rank's slice of the sequence; their gradients, like the LayerNorms' and
             # the row-parallel biases', are summed over the TP group
@@ -98,7 +98,7 @@ class SDTrainModule:
         else:
             self.pipeline = Pipeline(StageSettings(
                 weights=d, temperature=d.temperature, align_reduce=d.align_reduce, dtype=self.dtype,
-                tp_group=dims.tp_group if dims.tp > 1 else None,
+                tp_group=dims.tp_split,
                 sp_group=dims.tp_group if cfg.parallel.sequence_parallel else None))
             self.student = self.pipeline.module(gpt, predictors, teacher_gpt, dims)
             self.engine = self._build_engine()
@@ -152,8 +152,8 @@ class SDTrainModule:
         student = [(n, p) for n, p in self.gpt.named_parameters() if id(p) in local_ids]
         teacher_values = dict(zip((id(p) for p in self.teacher.params), self.teacher.full_parameters()))
         teacher = [(n, p) for n, p in self.teacher_gpt.named_parameters() if id(p) in teacher_values]
-        tp_group = self.dims.tp_group if self.dims.tp > 1 else None
-        pp_group = self.dims.pp_group if self.dims.pp > 1 else None
+        tp_group = self.dims.tp_split
+        pp_group = self.dims.pp_split
         return (gather_full_state(student, None, tp_group, pp_group),
                 gather_full_state(teacher, [teacher_values[id(p)] for _, p in teacher], tp_group, pp_group))
 
@@ -179,7 +179,7 @@ class SDTrainModule:
                             micro: int) -> dict[str, torch.Tensor]:
         """Steps 1-3 for one micro-batch: the loss terms, as tensors."""
         d = self.cfg.distill
-        tp_group = self.dims.tp_group if self.dims.tp > 1 else None
+        tp_group = self.dims.tp_split
         tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
         # 1. student forward with LayerDrop (the plan's skips are the same on every rank: ZeRO-3 gathers
         # parameters with DP collectives, so all ranks must run the same layers); predictors q_l on the
@@ -242,7 +242,7 @@ class SDTrainModule:
             return self.pipeline.eval_loss(self.engine, batch)
         logits, _ = self.engine(batch["tokens"])
         return losses.lm_loss(logits, batch["labels"], batch["loss_mask"],
-                              self.dims.tp_group if self.dims.tp > 1 else None).item()
+                              self.dims.tp_split).item()
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

@@ -48,6 +48,16 @@ class ParallelDims:
         return ps.get_pipeline_model_parallel_group()
 
     @property
+    def tp_split(self) -> dist.ProcessGroup | None:
+        """The TP group when tensors are split over it (TP > 1), else None: code given None skips the collective."""
+        return self.tp_group if self.tp > 1 else None
+
+    @property
+    def pp_split(self) -> dist.ProcessGroup | None:
+        """The pipeline group when the model is split into stages (PP > 1), else None."""
+        return self.pp_group if self.pp > 1 else None
+
+    @property
     def pp_last_rank(self) -> int:
         """Global rank of the last stage of this rank's pipeline (where the loss is computed)."""
         return ps.get_pipeline_model_parallel_last_rank()

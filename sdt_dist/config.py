@@ -209,6 +209,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+def config_from_dict(recorded: dict[str, Any]) -> Config:
+    """A recorded config dict (meta.json `config`, a sweep record) as a Config: keys it predates take their
+    legacy value (LEGACY_VALUES) or today's default; not validated (its data paths may be gone)."""
+    return _build(Config, with_legacy_values(recorded), "")
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")

@@ -8,6 +8,8 @@ Sweep YAML (see launchers/configs/sweeps/paper.yaml):
   launcher: "{python} -m torch.distributed.run --standalone --nproc_per_node {nproc} -m sdt_dist.cli"   (optional;
             e.g. "deepspeed --num_accelerators {nproc} --module sdt_dist.cli"; the config flags follow it)
   set: [key=value, ...]                     overrides for every arm (optional)
+  records: docs/results/paper_runs          keep each evaluated arm's result here beyond its run directory
+                                            (optional; sweep_records.py)
   eval: {data: ["[NAME=]PATH[@SPLIT]", ...], prune: [1, 2, 3], prune_data: NAME, max_tokens: N}
   variants:
     - {name: gpt_baseline, label: GPT baseline, set: [distill.lambda_kd=0, ...]}
@@ -22,7 +24,8 @@ checkpoint (step max_steps, export inside) and an eval.json covering the sweep's
 finished arms, evaluates trained ones, and relaunches the rest (the trainer resumes from its latest
 checkpoint). A final checkpoint made from another config than the arm's is refused, not reused.
 
-The pieces: sweep_spec.py (the YAML, arms), this file (running arms, the CLI), sweep_tables.py (tables, plots).
+The pieces: sweep_spec.py (the YAML, arms), this file (running arms, the CLI), sweep_tables.py (tables, plots),
+sweep_records.py (results that outlive run directories).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from sdt_dist.config import Config, ConfigError, load_config
+from sdt_dist.config import Config, ConfigError, config_from_dict, load_config
 from sdt_dist.paths import expand_vars
 
 # the training program is the package's own entry point, not a path into a checkout
@@ -52,6 +52,7 @@ class SweepSpec:
     overrides: list[str] = field(default_factory=list)
     nproc: int = 1
     launcher: str = DEFAULT_LAUNCHER
+    records: Path | None = None  # where each evaluated arm's result is kept beyond its run directory
 
 
 def _expand(value: Any) -> Any:
@@ -66,7 +67,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Parse and check a sweep YAML (every arm's config is validated before anything runs)."""
     path = Path(path)
     raw = yaml.safe_load(path.read_text()) or {}
-    known = {"base", "out_dir", "seeds", "variants", "tables", "eval", "set", "nproc", "launcher"}
+    known = {"base", "out_dir", "seeds", "variants", "tables", "eval", "set", "nproc", "launcher", "records"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key {unknown[0]} (valid: {', '.join(sorted(known))})")
@@ -104,19 +105,24 @@ def load_spec(path: str | Path) -> SweepSpec:
     spec = SweepSpec(path=path, base=_expand(raw["base"]), out_dir=Path(_expand(raw["out_dir"])),
                      seeds=[int(s) for s in raw["seeds"]], variants=variants, tables=tables, eval=ev,
                      overrides=[str(o) for o in _expand(raw.get("set", []))], nproc=int(raw.get("nproc", 1)),
-                     launcher=raw.get("launcher", DEFAULT_LAUNCHER))
+                     launcher=raw.get("launcher", DEFAULT_LAUNCHER),
+                     records=Path(_expand(raw["records"])) if raw.get("records") else None)
     return spec
 
 
-def _same_run(recorded: dict[str, Any] | None, cfg: Config) -> bool:
-    """The recorded config is this arm's but for where it ran (a run moved to the variant that names it now,
-    e.g. the sweep arm chosen as the new default recipe)."""
+def same_run(recorded: dict[str, Any] | None, cfg: Config) -> bool:
+    """The recorded config trains what `cfg` trains, but for where it ran (a run moved to the variant that
+    names it now, e.g. the sweep arm chosen as the new default recipe) and keys added since (read with their
+    legacy value or default, as a resumed checkpoint would)."""
     if recorded is None:
         return False
+    try:
+        theirs = config_from_dict(json.loads(json.dumps(recorded))).to_dict()
+    except ConfigError:  # a key that no longer exists: not comparable
+        return False
     mine = cfg.to_dict()
-    theirs = json.loads(json.dumps(recorded))
-    mine["train"].pop("out_dir"), theirs.get("train", {}).pop("out_dir", None)
-    return theirs == json.loads(json.dumps(mine))
+    mine["train"].pop("out_dir"), theirs["train"].pop("out_dir")
+    return theirs == mine
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ class Arm:
         if not meta_path.is_file() or not (self.final_checkpoint / "export" / "student.safetensors").is_file():
             return False
         meta = json.loads(meta_path.read_text())
-        if meta.get("config_sha256") != self.config.sha256() and not _same_run(meta.get("config"), self.config):
+        if meta.get("config_sha256") != self.config.sha256() and not same_run(meta.get("config"), self.config):
             raise ConfigError(f"{self.final_checkpoint} was trained with another config than arm {self.name} "
                               f"(the sweep YAML or base config changed?); delete {self.train_dir} or use another "
                               f"out_dir")

@@ -1,5 +1,6 @@
 """A sweep's results: tables (mean ± std over seeds) from the arms' eval.json, pruning plots and learning
-curves from their metrics.jsonl, written under the sweep's out_dir."""
+curves from their metrics.jsonl (or, where a run directory is gone, from the arm's record), written under the
+sweep's out_dir."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from sdt_dist.atomic import write_json_atomic, write_text_atomic
-from sdt_dist.config import load_config
-from sdt_dist.eval.sweep_spec import SweepSpec
+from sdt_dist.config import ConfigError, load_config
+from sdt_dist.eval.sweep_records import curve_of, find_group_curve, find_record, write_record
+from sdt_dist.eval.sweep_spec import Arm, SweepSpec, arms
 
 
 def metric(report: dict[str, Any], path: str) -> float | None:
@@ -39,17 +41,30 @@ def _cell(values: list[float]) -> str:
     return f"{mean:{fmt}}" if std is None else f"{mean:{fmt}} ± {std:{fmt}}"
 
 
+def arm_results(spec: SweepSpec, name: str) -> list[tuple[Arm, dict[str, Any] | None, list[list[float]]]]:
+    """Per seed of variant `name`: the arm, its eval report and its learning curve, from its run directory or
+    else from its record (sweep_records.py)."""
+    out = []
+    for arm in arms(spec, [name]):
+        if arm.variant.name != name:  # the training arm a train_as variant brings along
+            continue
+        report = json.loads(arm.eval_json.read_text()) if arm.eval_json.is_file() else None
+        curve = curve_of(arm)
+        if report is None or (not curve and arm.variant.train_as is None):
+            rec = find_record(spec, arm)
+            if rec is not None:
+                report, curve = report or rec["eval"], curve or rec["curve"]
+        out.append((arm, report, curve))
+    return out
+
+
 def aggregate(spec: SweepSpec) -> dict[str, Any]:
     """Per table and variant: each column's values over the evaluated seeds, mean and std."""
     result: dict[str, Any] = {"sweep": str(spec.path), "seeds": spec.seeds, "tables": {}}
     for table in spec.tables:
         rows = {}
         for name in table.rows:
-            reports = []
-            for seed in spec.seeds:
-                path = spec.out_dir / name / f"seed{seed}" / "eval" / "eval.json"
-                if path.is_file():
-                    reports.append((seed, json.loads(path.read_text())))
+            reports = [(arm.seed, r) for arm, r, _ in arm_results(spec, name) if r is not None]
             cols = {}
             for col in table.columns:
                 values = [v for _, r in reports if (v := metric(r, col["metric"])) is not None]
@@ -103,12 +118,37 @@ def pruning_plots(spec: SweepSpec, agg: dict[str, Any]) -> list[Path]:
     return paths
 
 
+def _curve_stats(spec: SweepSpec, name: str) -> dict[int, list[float]]:
+    """Per evaluation step: [seeds, sum, sum of squares] of the validation perplexity over the variant's
+    seeds; a group curve (mean and std only) counts for its seeds when none of them has its own curve."""
+    stats: dict[int, list[float]] = {}
+
+    def add(step: int, n: float, total: float, squares: float) -> None:
+        acc = stats.setdefault(int(step), [0.0, 0.0, 0.0])
+        acc[0], acc[1], acc[2] = acc[0] + n, acc[1] + total, acc[2] + squares
+
+    without = []
+    for arm, _, curve in arm_results(spec, name):
+        for step, ppl in curve:
+            add(step, 1, ppl, ppl * ppl)
+        if not curve:
+            without.append(arm)
+    used: list[list[int]] = []
+    for arm in without:
+        group = find_group_curve(spec, arm)
+        if group is None or group["seeds"] in used or not set(group["seeds"]) <= {a.seed for a in without}:
+            continue
+        used.append(group["seeds"])
+        n = len(group["seeds"])
+        for step, mean, std in zip(group["steps"], group["ppl_mean"], group["ppl_std"]):
+            add(step, n, n * mean, (n - 1) * std * std + n * mean * mean)
+    return stats
+
+
 def learning_curves(spec: SweepSpec) -> dict[str, dict[str, Any]]:
     """Per table and trained row: held-out perplexity at the runs' evaluation steps against training tokens,
     mean and std over the seeds that logged that step (rows evaluating another arm's weights are left out:
     their runs log the student's perplexity, not theirs)."""
-    from sdt_dist.eval.compute import read_metrics
-
     cfg = load_config(spec.base, spec.overrides)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     out: dict[str, dict[str, Any]] = {}
@@ -117,17 +157,16 @@ def learning_curves(spec: SweepSpec) -> dict[str, dict[str, Any]]:
         for name in table.rows:
             if spec.variants[name].train_as is not None:
                 continue
-            by_step: dict[int, list[float]] = {}
-            for seed in spec.seeds:
-                for r in read_metrics(spec.out_dir / name / f"seed{seed}"):
-                    if r.get("val_ppl") is not None:
-                        by_step.setdefault(r["step"], []).append(r["val_ppl"])
-            if by_step:
-                steps = sorted(by_step)
-                stats = [mean_std(by_step[s]) for s in steps]
-                rows[name] = {"label": table.labels.get(name, spec.variants[name].label),
-                              "tokens": [s * tokens_per_step for s in steps], "seeds": [len(by_step[s]) for s in steps],
-                              "ppl_mean": [m for m, _ in stats], "ppl_std": [sd or 0.0 for _, sd in stats]}
+            stats = _curve_stats(spec, name)
+            if not stats:
+                continue
+            steps = sorted(stats)
+            mean = [stats[s][1] / stats[s][0] for s in steps]
+            std = [math.sqrt(max(0.0, (stats[s][2] - stats[s][1] ** 2 / stats[s][0]) / (stats[s][0] - 1)))
+                   if stats[s][0] > 1 else 0.0 for s in steps]
+            rows[name] = {"label": table.labels.get(name, spec.variants[name].label),
+                          "tokens": [s * tokens_per_step for s in steps], "seeds": [int(stats[s][0]) for s in steps],
+                          "ppl_mean": mean, "ppl_std": std}
         out[table.name] = rows
     return out
 
@@ -160,9 +199,24 @@ def learning_curve_plots(spec: SweepSpec, curves: dict[str, dict[str, Any]]) -> 
     return paths
 
 
+def keep_records(spec: SweepSpec) -> list[Path]:
+    """Write (or refresh) the record of every arm evaluated in the run directories (sweep_records.py)."""
+    if spec.records is None:
+        return []
+    paths = []
+    for arm in arms(spec):
+        try:
+            if arm.trained() and arm.evaluated(spec.eval):
+                paths.append(write_record(spec, arm, json.loads(arm.eval_json.read_text())))
+        except ConfigError:  # trained by another config: not this arm's result
+            continue
+    return paths
+
+
 def write_outputs(spec: SweepSpec) -> list[Path]:
     """tables.json, tables.md, pruning plots and learning curves under out_dir (every table; missing arms
     show as —)."""
+    keep_records(spec)
     agg = aggregate(spec)
     agg["learning_curves"] = learning_curves(spec)
     spec.out_dir.mkdir(parents=True, exist_ok=True)

@@ -213,3 +213,79 @@ def test_a_run_moved_to_the_variant_that_now_names_its_config_is_reused(tmp_path
     (ckpt / "meta.json").write_text(json.dumps({"config_sha256": "0" * 64, "config": elsewhere}))
     with pytest.raises(ConfigError, match="another config"):
         arm.trained()
+
+
+def _log_curve(run_dir: Path, ppl: list[float]) -> None:
+    lines = [{"step": 3, "loss": 5.0, "val_ppl": ppl[0]}, {"step": 6, "loss": 4.0, "val_ppl": ppl[1]}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_records_keep_tables_and_curves_when_run_directories_are_gone(tmp_path):
+    """Each evaluated arm leaves a record; with every run directory deleted the tables and learning curves
+    come out the same, a record follows its config into a renamed variant, and a record of another config
+    is not used."""
+    import shutil
+
+    from sdt_dist.eval.sweep_tables import learning_curves
+
+    spec = load_spec(write_sweep(tmp_path, records=str(tmp_path / "records")))
+    run(spec, arms(spec), FakeSteps().train, FakeSteps().evaluate, log=lambda _: None)
+    for seed, ppl in ((1, [500.0, 300.0]), (2, [520.0, 280.0])):
+        _log_curve(spec.out_dir / "sdt" / f"seed{seed}", ppl)
+    write_outputs(spec)
+    assert sorted(p.relative_to(spec.records).as_posix() for p in spec.records.rglob("*.json")) == [
+        f"{v}/seed{s}.json" for v in ("baseline", "ema_only", "sdt") for s in (1, 2)]
+    before, curves_before = aggregate(spec), learning_curves(spec)
+    shutil.rmtree(spec.out_dir)
+    assert aggregate(spec) == before and learning_curves(spec) == curves_before
+    assert before["tables"]["t1"]["rows"]["ema_only"]["seeds"] == [1, 2]  # evaluated teacher weights
+
+    # the sdt arm becomes the default under another name: same config, so its records still count
+    raw = yaml.safe_load(spec.path.read_text())
+    raw["variants"][1]["name"] = "recipe"
+    raw["tables"][0]["rows"][2] = "recipe"
+    spec.path.write_text(yaml.safe_dump(raw))
+    renamed = load_spec(spec.path)
+    assert aggregate(renamed)["tables"]["t1"]["rows"]["recipe"]["columns"]["ppl"]["values"] == [111.0, 112.0]
+    # ... but not once its config differs
+    raw["variants"][1]["set"] = ["train.lr=1.0e-3"]
+    spec.path.write_text(yaml.safe_dump(raw))
+    assert aggregate(load_spec(spec.path))["tables"]["t1"]["rows"]["recipe"]["seeds"] == []
+
+
+def test_a_group_curve_pools_exactly_with_seeds_that_have_their_own(tmp_path):
+    """Seeds 1-2 known only as mean and std (a lost aggregate) and seed 3's own curve give the mean and
+    sample std of all three."""
+    import statistics
+
+    from sdt_dist.eval.sweep_tables import learning_curves
+
+    spec = load_spec(write_sweep(tmp_path, records=str(tmp_path / "records"), seeds=[1, 2, 3]))
+    first_two = {3: [500.0, 520.0], 6: [300.0, 280.0]}
+    (sdt1,) = arms(spec, ["sdt"], [1])
+    group = {"config": sdt1.config.to_dict(), "seeds": [1, 2], "steps": [3, 6],
+             "ppl_mean": [statistics.mean(first_two[s]) for s in (3, 6)],
+             "ppl_std": [statistics.stdev(first_two[s]) for s in (3, 6)]}
+    (spec.records / "old_name").mkdir(parents=True)
+    (spec.records / "old_name" / "curve_group.json").write_text(json.dumps(group))
+    (spec.out_dir / "sdt" / "seed3").mkdir(parents=True)
+    _log_curve(spec.out_dir / "sdt" / "seed3", [530.0, 250.0])
+    sdt = learning_curves(spec)["t1"]["sdt"]
+    assert sdt["seeds"] == [3, 3]
+    for i, values in enumerate(([500.0, 520.0, 530.0], [300.0, 280.0, 250.0])):
+        assert sdt["ppl_mean"][i] == pytest.approx(statistics.mean(values))
+        assert sdt["ppl_std"][i] == pytest.approx(statistics.stdev(values))
+
+
+def test_a_recorded_config_from_before_a_new_key_is_the_same_run(tmp_path):
+    """Configs recorded before a key existed mean its default (or its legacy value) for that key."""
+    from sdt_dist.eval.sweep_spec import same_run
+
+    spec = load_spec(write_sweep(tmp_path))
+    (arm,) = arms(spec, ["sdt"], [1])
+    old = arm.config.to_dict()
+    del old["model"]["recompute"], old["logging"]["peak_flops"]
+    assert same_run(old, arm.config)
+    del old["distill"]["align_reduce"]  # predates align_reduce: it summed, today's default is mean
+    assert not same_run(old, arm.config)
+    assert not same_run({**arm.config.to_dict(), "bogus": {}}, arm.config)

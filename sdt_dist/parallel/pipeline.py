@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from sdt_dist.distill import losses
+from sdt_dist.distill.fused_lm_kd import lm_kd_losses
 from sdt_dist.distill.step_plan import StepPlan
 from sdt_dist.model.gpt import GPTModel, embed_tokens
 from sdt_dist.parallel.dims import ParallelDims, device
@@ -77,12 +78,13 @@ class Pipeline:
         logits, t_logits, acc = outputs
         target, mask = labels
         s = self.settings
-        lm = losses.lm_loss(logits, target, mask, s.tp_group)
         if not self.plan.training:
+            lm = losses.lm_loss(logits, target, mask, s.tp_group)
             zero = torch.zeros_like(lm)
             self._terms.append(torch.stack([lm, lm, zero, zero]).detach())
             return lm
-        kd = losses.kd_loss(logits, t_logits, mask, s.temperature, s.tp_group)
+        # LM and KD in one pass over the logits, as without PP
+        lm, kd = lm_kd_losses(logits, t_logits, target, mask, s.temperature, s.tp_group)
         align = acc.sum()
         total = losses.combine_losses(lm, kd, align, s.weights)
         self._terms.append(torch.stack([total, lm, kd, align]).detach())

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from sdt_dist.config import ConfigError, ModelConfig
 from sdt_dist.export import locate_export, read_model_config
+from sdt_dist.model.stage_init import holds_weights
 
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "tie_embeddings", "rope_base")
 
@@ -81,6 +82,8 @@ def load_initial_weights(gpt: torch.nn.Module, path: str | Path, model: ModelCon
     if missing:
         raise ConfigError(f"train.init_from: {path} lacks {missing[:3]} ({len(missing)} weights)")
     for name, p in gpt.named_parameters():
+        if not holds_weights(p):  # another pipeline stage's
+            continue
         local = local_shard(state[name], p, tp_group)
         # ZeRO-3: gather this parameter, set it on every rank of its group, re-partition from rank 0's copy
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):

@@ -35,7 +35,7 @@ from sdt_dist.parallel.engine import (
 )
 from sdt_dist.parallel.finite_step import all_finite, guard_optimizer_step
 from sdt_dist.parallel.optimizer_state import restore_optimizer_state, snapshot_optimizer_state
-from sdt_dist.parallel.pipeline import Pipeline, StageSettings, release_other_stages, stage_pieces
+from sdt_dist.parallel.pipeline import Pipeline, StageSettings, stage_pieces, stage_units
 from sdt_dist.parallel.sequence_parallel import (
     allreduce_sequence_parallel_grads,
     mark_sequence_parallel,
@@ -68,12 +68,14 @@ class SDTrainModule:
         tconf = transformer_config(m, cfg.parallel, self.dtype)
         self.drop_probs = layer_probs(d.layerdrop_p, m.num_layers, d.layerdrop_schedule)
         self.layer_map = layer_map(d.align_map, m.num_layers, d.teacher_layers or m.num_layers)
-        # Same seed on every rank: identical master weights, split by TP and partitioned by ZeRO.
+        # Same seed on every rank: identical master weights, split by TP, partitioned by ZeRO, and under PP kept
+        # for this stage's layers only (the others are built and dropped one at a time: `model/stage_init.py`)
         torch.manual_seed(cfg.train.seed)
+        kept = stage_units(m.num_layers, dims.pp, dims.pp_rank) if dims.pp > 1 else None
         with model_init_context(self.ds_config, dims):
             gpt = GPTModel(tconf, student_layer_specs(self.drop_probs, m.recompute), m.vocab_size, m.tie_embeddings,
-                           m.rope_base)
-            predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std)
+                           m.rope_base, kept)
+            predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std, kept)
         if cfg.train.init_from is not None:  # before the engine copies the weights and the teacher takes them
             load_initial_weights(gpt, cfg.train.init_from, m, dims.tp_split)
         if cfg.parallel.sequence_parallel:
@@ -82,9 +84,11 @@ class SDTrainModule:
             mark_sequence_parallel(predictors)
             allreduce_sequence_parallel_grads(gpt, dims.tp_group)
             allreduce_sequence_parallel_grads(predictors, dims.tp_group)
+        # built like the student in every layout (its values are the student's, from EmaTeacher), so that the
+        # random state after init, and with it dropout, is the same at any PP size
         teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers), m.vocab_size, m.tie_embeddings,
-                               m.rope_base).to(device())
-        self.gpt = gpt  # under PP, only this stage's parameters keep their weights (see below)
+                               m.rope_base, kept).to(device())
+        self.gpt = gpt  # under PP, only this stage's parameters hold weights
         self.predictors = predictors
         self.teacher_gpt = teacher_gpt
         self.frozen = 0
@@ -104,8 +108,6 @@ class SDTrainModule:
             self.engine = self._build_engine()
             self.ema_source, teacher_pieces = stage_pieces(self.student)
             self.teacher = EmaTeacher(teacher_pieces, self.ema_source, dp_group, self.dtype)
-            for whole, stage in ((gpt, self.student), (predictors, self.student), (teacher_gpt, teacher_pieces)):
-                release_other_stages(whole, stage)
 
     def _build_engine(self):
         groups = param_groups(list(self.student.named_parameters()), self.cfg.train.weight_decay)

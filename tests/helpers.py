@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # heavy imports only where the probe runs
     from sdt_dist.parallel.dims import ParallelDims
     from sdt_dist.train_module import SDTrainModule
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 OWT = owt1000()
 
@@ -191,6 +192,17 @@ def signal_after_first_checkpoint(cmd: Sequence[str], log: Path, env: dict[str, 
     return rc, log.read_text()
 
 
+def gathered_named_student_parameters(tm: SDTrainModule) -> list[tuple[str, torch.Tensor]]:
+    """This rank's student and predictor weights (its TP shard, its stage's), ZeRO-3 partitions gathered."""
+    import deepspeed
+
+    out = []
+    for n, p in tm.named_student_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            out.append((n, p.detach().clone()))
+    return out
+
+
 def full_student_params(tm: SDTrainModule) -> list[torch.Tensor]:
     import deepspeed
 
@@ -201,15 +213,40 @@ def full_student_params(tm: SDTrainModule) -> list[torch.Tensor]:
     return out
 
 
-def run_probe(cfg: Config, dims: ParallelDims, steps: int, batch_seed: int = 100) -> dict:
+def allocation_peak(build: Callable[[], T]) -> tuple[T, int]:
+    """(build(), the most bytes the CPU allocator had handed out at once during it, beyond what was live
+    before): torch's profiler records every CPU allocation and free with its size, in order."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = build()
+    events, sizes = list(prof.profiler.kineto_results.experimental_event_tree()), []
+    while events:
+        e = events.pop()
+        events.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            sizes.append((e.start_time_ns, e.extra_fields.alloc_size))  # negative for a free
+    live = peak = 0
+    for _, size in sorted(sizes):
+        live += size
+        peak = max(peak, live)
+    return out, peak
+
+
+def run_probe(cfg: Config, dims: ParallelDims, steps: int, batch_seed: int = 100,
+              measure_init: bool = False) -> dict:
     """Drive an SDTrainModule on synthetic batches (in-process or per rank) and record what the tests check:
-    `steps` steps; global batch b comes from seed batch_seed+step and is split over DP ranks."""
+    `steps` steps; global batch b comes from seed batch_seed+step and is split over DP ranks. `measure_init`:
+    also the allocation peak of building the SDTrainModule (`init_peak`, else None)."""
     from sdt_dist.parallel.optimizer_state import optimizer_state_numel
     from sdt_dist.plan.measure import engine_tensor_bytes
     from sdt_dist.train_module import SDTrainModule
     from sdt_dist.train_step import train_step
 
-    tm = SDTrainModule(cfg, dims)
+    tm, init_peak = allocation_peak(lambda: SDTrainModule(cfg, dims)) if measure_init \
+        else (SDTrainModule(cfg, dims), None)
+    init_weights = dict(gathered_named_student_parameters(tm))
     history = [full_student_params(tm)]
     teacher0 = tm.teacher.full_parameters()
     records, opt_numel, frozen, copied = [], [], [], []
@@ -229,7 +266,8 @@ def run_probe(cfg: Config, dims: ParallelDims, steps: int, batch_seed: int = 100
         history.append(full_student_params(tm))
         opt_numel.append(optimizer_state_numel(tm.engine))
         frozen.append(tm.frozen)
-    return {"engine_bytes": engine_bytes, "tm": tm, "records": records, "history": history, "teacher0": teacher0,
+    return {"engine_bytes": engine_bytes, "init_peak": init_peak, "init_weights": init_weights, "tm": tm,
+            "records": records, "history": history, "teacher0": teacher0,
             "teacher": tm.teacher.full_parameters(), "opt_numel": opt_numel, "frozen": frozen, "copied": copied}
 
 

@@ -7,8 +7,12 @@ are summed over the TP group (`sdt_dist/parallel/sequence_parallel.py`).
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from sdt_dist.model.stage_init import build_unit
 
 
 class Predictor(torch.nn.Module):
@@ -30,9 +34,11 @@ def predictor_spec() -> ModuleSpec:
     return ModuleSpec(module=Predictor)
 
 
-def build_predictors(spec: ModuleSpec, num_layers: int, hidden_size: int, init_std: float) -> torch.nn.ModuleDict:
-    """q_l for l = 1..L, keyed by the layer number as a string (ModuleDict keys)."""
+def build_predictors(spec: ModuleSpec, num_layers: int, hidden_size: int, init_std: float,
+                     kept: Container[int] | None = None) -> torch.nn.ModuleDict:
+    """q_l for l = 1..L, keyed by the layer number as a string (ModuleDict keys). `kept`: the layers whose
+    predictors keep their weights (a pipeline stage's; the others are built and dropped, `stage_init.py`)."""
     return torch.nn.ModuleDict(
-        {str(layer): build_module(spec, hidden_size=hidden_size, init_std=init_std)
+        {str(layer): build_unit(layer, kept, lambda: build_module(spec, hidden_size=hidden_size, init_std=init_std))
          for layer in range(1, num_layers + 1)}
     )

@@ -9,6 +9,7 @@ ran: the alignment loss reads them, skipped layers are absent.
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sdt_dist.model.norm import LayerNorm
 from sdt_dist.model.rope import RotaryEmbedding
+from sdt_dist.model.stage_init import build_unit
 
 
 class GPTOutput(NamedTuple):  # a tuple, so that ZeRO-3's hooks see the tensors inside
@@ -52,21 +54,28 @@ class GPTModel(torch.nn.Module):
         vocab_size: int,
         tie_embeddings: bool = True,
         rope_base: float = 10000.0,
+        kept: Container[int] | None = None,
     ) -> None:
+        """`kept`: the units (0 embedding, 1..L layers, L + 1 final norm and head) whose weights this rank keeps
+        (a pipeline stage's); the others are built and dropped one at a time (`stage_init.py`). None: all."""
         super().__init__()
         self.config = config
         self.tie_embeddings = tie_embeddings
-        self.embedding = TiedVocabEmbedding(
+        self.embedding = build_unit(0, kept, lambda: TiedVocabEmbedding(
             vocab_size, config.hidden_size, init_method=config.init_method, config=config,
             reduce_scatter_embeddings=config.sequence_parallel,
-        )
+        ))
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
         self.rope = RotaryEmbedding(config.kv_channels, base=rope_base)
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=config, layer_number=i + 1) for i, spec in enumerate(layer_specs)
+            build_unit(i + 1, kept, lambda spec=spec, number=i + 1: build_module(spec, config=config,
+                                                                                 layer_number=number))
+            for i, spec in enumerate(layer_specs)
         )
-        self.final_norm = LayerNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
+        head = len(layer_specs) + 1
+        self.final_norm = build_unit(head, kept, lambda: LayerNorm(config, config.hidden_size,
+                                                                   eps=config.layernorm_epsilon))
+        self.output_layer = build_unit(head, kept, lambda: tensor_parallel.ColumnParallelLinear(
             config.hidden_size,
             vocab_size,
             config=config,
@@ -74,7 +83,7 @@ class GPTModel(torch.nn.Module):
             bias=False,
             gather_output=False,  # logits stay vocab-parallel; losses reduce across TP ranks
             skip_weight_param_allocation=tie_embeddings,
-        )
+        ))
 
     @property
     def num_layers(self) -> int:

@@ -28,6 +28,19 @@ from sdt_dist.parallel.dims import ParallelDims, device
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
+# DeepSpeed balances the decoder layers over the stages; the embedding goes to the first, the head to the last.
+PARTITION = "type:DecoderPipe"
+
+
+def stage_units(num_layers: int, pp: int, stage: int) -> range:
+    """The pipeline layers (0 embedding, 1..L decoder layers, L + 1 head) of stage `stage`, as DeepSpeed's
+    PipelineModule partitions them (`PARTITION`): the units whose weights the stage builds (`stage_init.py`)."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    parts = partition_balanced(weights=[0] + [1] * num_layers + [0], num_parts=pp)
+    return range(int(parts[stage]), int(parts[stage + 1]))
+
+
 def to_bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(_BITS[t.dtype])
 
@@ -70,8 +83,14 @@ class Pipeline:
                   *[DecoderPipe(n, student, predictors[str(n)], teacher, self)
                     for n in range(1, student.num_layers + 1)],
                   HeadPipe(student, teacher, self)]
-        return PipelineModule(layers=layers, topology=topology, loss_fn=self._loss,
-                              partition_method="type:DecoderPipe")
+        pipe = PipelineModule(layers=layers, topology=topology, loss_fn=self._loss,
+                              partition_method=PARTITION)
+        ran = range(int(pipe.parts[pipe.stage_id]), int(pipe.parts[pipe.stage_id + 1]))
+        built = stage_units(student.num_layers, dims.pp, dims.pp_rank)
+        if ran != built:  # a stage without the weights of its layers would train garbage
+            raise RuntimeError(f"DeepSpeed gave this stage layers {ran.start}..{ran.stop - 1}; the model was built "
+                               f"with the weights of {built.start}..{built.stop - 1}")
+        return pipe
 
     def _loss(self, outputs: tuple[torch.Tensor, ...], labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Step 3 on the last stage: LM and KD here, the alignment terms summed stage by stage on the way."""
@@ -216,15 +235,6 @@ def stage_pieces(pipe_module) -> tuple[torch.nn.ModuleList, torch.nn.ModuleList]
             student.extend([layer.final_norm, layer.output_layer])
             teacher.extend([layer._teacher[0].final_norm, layer._teacher[0].output_layer])
     return student, teacher
-
-
-def release_other_stages(module: torch.nn.Module, stage: torch.nn.Module) -> None:
-    """Free the weights of `module`'s parameters that are not in `stage`: every rank builds the whole model
-    (the same initial weights at any PP size) and then holds only its own stage's layers."""
-    local = {id(p) for p in stage.parameters()}
-    for p in module.parameters():
-        if id(p) not in local:
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
 def batch_to_pipe(batch: dict[str, torch.Tensor], micro: int) -> tuple[tuple, tuple]:

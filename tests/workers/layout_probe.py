@@ -3,6 +3,7 @@
 usage: torchrun --nproc_per_node N tests/workers/layout_probe.py OUT.json STEPS [key=value ...]
 """
 
+import hashlib
 import json
 import sys
 
@@ -19,11 +20,17 @@ def resident_numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def digest(t: torch.Tensor) -> str:
+    """Dtype, shape and bytes of a tensor, hashed."""
+    raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(f"{t.dtype} {tuple(t.shape)}".encode() + raw).hexdigest()
+
+
 def main() -> None:
     out_path, steps, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     cfg = make_cfg(*overrides)
     dims = init_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage)
-    out = run_probe(cfg, dims, steps)
+    out = run_probe(cfg, dims, steps, measure_init=True)
     tm = out["tm"]
     per_step = torch.tensor([[r.loss, r.loss_lm, r.loss_kd, r.loss_align] for r in out["records"]],
                             dtype=torch.float64)
@@ -56,13 +63,18 @@ def main() -> None:
         hidden_rows = next(iter(tm.teacher(random_batch(cfg, 0)["tokens"]).hidden.values())).shape[0]
     gathered = [torch.zeros_like(rank_info) for _ in range(dims.world_size)]
     dist.all_gather(gathered, rank_info)
-    engine_bytes = [None] * dims.world_size  # per rank, after the first step (sdt_dist/plan/measure.py)
-    dist.all_gather_object(engine_bytes, out["engine_bytes"])
+    # per rank: engine bytes after the first step (sdt_dist/plan/measure.py), the allocation peak of building the
+    # SDTrainModule, and a digest of each initial student weight it holds (bitwise comparisons across layouts)
+    init_digests = {n: digest(t) for n, t in out["init_weights"].items()}
+    per_rank = [None] * dims.world_size
+    dist.all_gather_object(per_rank, (out["engine_bytes"], out["init_peak"], init_digests))
+    engine_bytes, init_peak, init_digests = (list(column) for column in zip(*per_rank))
     if dims.rank == 0:
         json.dump({"losses": per_step.tolist(), "frozen": out["frozen"],
                    "dropped": [r.dropped_layers for r in out["records"]],
                    "ranks": [g[0].tolist() for g in gathered], "dp": dims.dp, "tp": dims.tp,
-                   "hidden_rows": hidden_rows, "engine_bytes": engine_bytes},
+                   "hidden_rows": hidden_rows, "engine_bytes": engine_bytes, "init_peak": init_peak,
+                   "init_digests": init_digests},
                   open(out_path, "w"))
 
 

@@ -218,14 +218,18 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     # DeepSpeed's 1F1B schedule keeps min(stages - stage, micro-batches) in flight on a stage
     st.inflight = min(lay.pp - stage, gas) if lay.pp > 1 else 1
     st.estimated["activations"] = st.inflight * st.activation_per_micro[lay.recompute]
-    # init: every rank builds the whole student (ZeRO-3: its partition) and the whole teacher in the compute
-    # dtype (under PP: all stages, then frees the others), plus megatron's whole fp32 master of one matrix
-    whole = stage_params(inv, cfg.model.num_layers, 1, 0) if lay.pp > 1 else params
-    built = sum(p.local(lay.tp) for p in whole)
+    # init: every rank builds its stage's student (ZeRO-3: its partition) and teacher in the compute dtype;
+    # under PP also each unit of the other stages, one at a time, dropped once built (`model/stage_init.py`);
+    # plus megatron's whole fp32 master of one matrix (of any stage: all are built)
+    held = {id(p) for p in params}
+    passing = max(_units([p for p in inv if id(p) not in held], lay.tp)) * e if lay.pp > 1 else 0
     biggest = max(p.numel for p in inv) * 4
-    student_built = st.exact["parameters"] if lay.zero == 3 and lay.pp == 1 else built * e
-    st.init_peak = (student_built + built * e + st.exact["teacher_shard"] + biggest
-                    + st.exact["master_weights"] + (st.exact["parameters"] if lay.zero in (1, 2) else 0))
+    student_built = st.exact["parameters"] if lay.zero == 3 else numel * e
+    # ZeRO-3 allocates its gradient reduce bucket (contiguous_gradients: reduce_bucket elements, whatever the model
+    # size) when the engine is built
+    bucket = prec.reduce_bucket * e if lay.zero == 3 else 0
+    st.init_peak = (student_built + numel * e + passing + st.exact["teacher_shard"] + biggest
+                    + st.exact["master_weights"] + (st.exact["parameters"] if lay.zero in (1, 2) else 0) + bucket)
     return st
 
 

@@ -51,7 +51,8 @@ class Plan:
         """The term that overflows: the largest of the stage with the highest peak."""
         stage = max(self.stages, key=lambda s: max(s.steady_peak, s.init_peak))
         if stage.init_peak > stage.steady_peak:
-            return f"the init peak ({stage.init_peak / GiB:.1f} GiB, whole student + teacher built on every rank)"
+            return (f"the init peak ({stage.init_peak / GiB:.1f} GiB, stage {stage.stage}'s student and teacher built "
+                    f"beside the optimizer's copies)")
         terms = {**stage.exact, **stage.estimated}
         name = max(terms, key=terms.get)
         return f"{LABELS[name]} ({terms[name] / GiB:.1f} GiB of {stage.steady_peak / GiB:.1f} GiB, stage {stage.stage})"

@@ -14,6 +14,10 @@ Estimates (labelled so in the output): gradients and their reduce buckets, the t
 gathered weights, activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models": 34 s b h + 5 a s^2 b bytes per layer at 16 bits, split by TP / SP as there), logits and
 loss buffers, and the init peak.
+The steady-state peak is the end of a forward, when activations peak, or the optimizer step, when gradients do
+(a backward frees activations as it makes gradients): the larger of the two, where the forward also holds the
+gradient buffers that outlive a step (ZeRO-2/3's reduce bucket, ZeRO-3's flat gradient partition) or a
+micro-batch (gradient accumulation).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from sdt_dist.config import Config, check_layout
+from sdt_dist.distill.fused_lm_kd import CHUNK_ELEMENTS
 from sdt_dist.parallel.engine import build_ds_config, compute_dtype
 from sdt_dist.plan.inventory import ParamInfo
 
@@ -54,7 +59,7 @@ class Precision:
     param_bytes: int  # compute dtype: 4 (fp32) or 2 (bf16/fp16)
     persistence_threshold: int = 100_000  # ZeRO-3 stage3_param_persistence_threshold
     reduce_bucket: int = 500_000_000  # elements (DeepSpeed default)
-    flash_attention: bool = True  # SDPA keeps no s x s scores (CUDA); the CPU math path does
+    flash_attention: bool = True  # SDPA keeps no s x s scores (a fused kernel); the math path does
 
 
 def run_layout(cfg: Config, world: int) -> Layout:
@@ -66,12 +71,14 @@ def run_layout(cfg: Config, world: int) -> Layout:
 
 
 def run_precision(cfg: Config, dp: int, flash_attention: bool = True) -> Precision:
-    """Compute dtype and ZeRO buffer sizes from the DeepSpeed config the trainer derives."""
+    """Compute dtype and ZeRO buffer sizes from the DeepSpeed config the trainer derives. `flash_attention`:
+    the device has a fused SDPA kernel with dropout (CUDA); without dropout torch's CPU kernel is fused too."""
     ds = build_ds_config(cfg, dp)
     zero = ds["zero_optimization"]
     return Precision(param_bytes=compute_dtype(ds).itemsize,
                      persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
-                     reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)), flash_attention=flash_attention)
+                     reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)),
+                     flash_attention=flash_attention or cfg.model.dropout == 0)
 
 
 @dataclass
@@ -84,11 +91,14 @@ class StagePlan:
     estimated: dict[str, int] = field(default_factory=dict)  # gradients, gathers, activations, ...
     activation_per_micro: dict[str, int] = field(default_factory=dict)  # recompute mode -> bytes
     inflight: int = 1  # micro-batches whose activations are alive at once (1F1B pipeline)
+    forward_gradients: int = 0  # gradient bytes alive during a forward (kept buffers, accumulated gradients)
     init_peak: int = 0
 
     @property
     def steady_peak(self) -> int:
-        return sum(self.exact.values()) + sum(self.estimated.values())
+        est = dict(self.estimated)
+        grads, acts = est.pop("gradients", 0), est.pop("activations", 0)
+        return sum(self.exact.values()) + sum(est.values()) + max(acts + self.forward_gradients, grads)
 
 
 def stage_params(inv: list[ParamInfo], layers: int, pp: int, stage: int) -> list[ParamInfo]:
@@ -152,10 +162,24 @@ def gradient_bytes(numel: int, lay: Layout, prec: Precision) -> int:
     bucket = min(prec.reduce_bucket, numel) * b
     if lay.zero == 0:
         return numel * b
-    if lay.zero == 1:
-        return numel * b + part * 4
+    if lay.zero == 1:  # under PP the step also fills a reduce bucket (DeepSpeed's reduce_gradients)
+        return numel * b + part * 4 + (bucket if lay.pp > 1 else 0)
     if lay.zero == 2:
         return part * (b + 4) + bucket
+    return part * 4 + bucket
+
+
+def forward_gradient_bytes(numel: int, lay: Layout, prec: Precision, gas: int) -> int:
+    """Estimate: the part of `gradient_bytes` alive during a forward. ZeRO-2/3 allocate their reduce bucket (and
+    ZeRO-3 its flat fp32 gradient partition) at start and keep it; with gradient accumulation the gradients of
+    earlier micro-batches (ZeRO-0/1: whole, ZeRO-2: their partition) wait for the step."""
+    b, part = prec.param_bytes, math.ceil(numel / lay.dp)
+    bucket = min(prec.reduce_bucket, numel) * b
+    accumulating = gas > 1
+    if lay.zero in (0, 1):
+        return numel * b if accumulating else 0
+    if lay.zero == 2:
+        return bucket + (part * b if accumulating else 0)
     return part * 4 + bucket
 
 
@@ -194,8 +218,15 @@ def micro_batch_activations(cfg: Config, lay: Layout, prec: Precision, stage: in
         total += 2 * e * sbh  # embedding output and its dropout
     if stage == lay.pp - 1:
         vocab = s * b * m.vocab_size // t
-        # student and teacher logits (compute dtype), fp32 copies for LM, and KD's two log-softmaxes
-        total += vocab * (2 * e + 3 * 4) + 2 * e * sbh
+        # student and teacher logits (compute dtype) and the final norm's input and output, then the losses
+        total += 2 * e * vocab + 2 * e * sbh
+        if lay.pp == 1:  # fused LM + KD (`distill/fused_lm_kd.py`): softmax(z) and the probability difference
+            # in fp32, and at most 6 fp32 chunk temporaries (7 when the logits need an fp32 copy) at once
+            chunk = min(vocab, max(1, CHUNK_ELEMENTS // (m.vocab_size // t)) * (m.vocab_size // t))
+            total += 2 * 4 * vocab + (6 if e == 4 else 7) * 4 * chunk
+        else:  # the pipeline's last stage, `losses.lm_loss` and `kd_loss`: LM's log-softmax, KD's two and their
+            # product's operands kept, with temporaries up to 7 fp32 copies at once (measured on CPU)
+            total += 7 * 4 * vocab
     return total
 
 
@@ -209,9 +240,11 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     units = _units(params, lay.tp)
     teacher_whole = sum(p.local(lay.tp) for p in params if p.unit != "predictor")
     st.estimated["gradients"] = gradient_bytes(numel, lay, prec)
-    # the teacher forward all-gathers fp32 slices and casts them: one module at a time, or the whole stage
-    # for a whole batch under PP
-    st.estimated["teacher_gathered"] = (teacher_whole if lay.pp > 1 else max(units)) * (e + 4)
+    st.forward_gradients = forward_gradient_bytes(numel, lay, prec, gas)
+    # the teacher forward all-gathers fp32 slices (over DP > 1; else it reads its shard) and casts them (to 16
+    # bits): one module at a time, or the whole stage for a whole batch under PP
+    copies = (4 if lay.dp > 1 else 0) + (e if e != 4 else 0)
+    st.estimated["teacher_gathered"] = (teacher_whole if lay.pp > 1 else max(units)) * copies
     if lay.zero == 3:  # the module running and the one prefetched
         st.estimated["zero3_gathered"] = 2 * max(units) * e
     st.activation_per_micro = {r: micro_batch_activations(cfg, lay, prec, stage, r) for r in RECOMPUTE}

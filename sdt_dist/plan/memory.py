@@ -14,10 +14,10 @@ Estimates (labelled so in the output): gradients and their reduce buckets, the t
 gathered weights, activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models": 34 s b h + 5 a s^2 b bytes per layer at 16 bits, split by TP / SP as there), logits and
 loss buffers, and the init peak.
-The steady-state peak is the end of a forward, when activations peak, or the optimizer step, when gradients do
-(a backward frees activations as it makes gradients): the larger of the two, where the forward also holds the
-gradient buffers that outlive a step (ZeRO-2/3's reduce bucket, ZeRO-3's flat gradient partition) or a
-micro-batch (gradient accumulation).
+The steady-state peak is the end of a forward, when activations peak, or the optimizer step, when gradients and
+AdamW's temporaries do (a backward frees activations as it makes gradients): the larger of the two, where the
+forward also holds the gradient buffers that outlive a step (ZeRO-2/3's reduce bucket, ZeRO-3's flat gradient
+partition) or a micro-batch (gradient accumulation).
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ class StagePlan:
     @property
     def steady_peak(self) -> int:
         est = dict(self.estimated)
-        grads, acts = est.pop("gradients", 0), est.pop("activations", 0)
-        return sum(self.exact.values()) + sum(est.values()) + max(acts + self.forward_gradients, grads)
+        step = est.pop("gradients", 0) + est.pop("optimizer_step", 0)
+        forward = est.pop("activations", 0) + self.forward_gradients
+        return sum(self.exact.values()) + sum(est.values()) + max(forward, step)
 
 
 def stage_params(inv: list[ParamInfo], layers: int, pp: int, stage: int) -> list[ParamInfo]:
@@ -162,11 +163,26 @@ def gradient_bytes(numel: int, lay: Layout, prec: Precision) -> int:
     bucket = min(prec.reduce_bucket, numel) * b
     if lay.zero == 0:
         return numel * b
-    if lay.zero == 1:  # under PP the step also fills a reduce bucket (DeepSpeed's reduce_gradients)
-        return numel * b + part * 4 + (bucket if lay.pp > 1 else 0)
+    if lay.zero == 1:  # (under PP the gradients move into a reduce bucket: the same bytes)
+        return numel * b + part * 4
     if lay.zero == 2:
         return part * (b + 4) + bucket
     return part * 4 + bucket
+
+
+def optimizer_step_bytes(params: list[ParamInfo], lay: Layout) -> int:
+    """Estimate: torch AdamW's temporaries at the step, two fp32 tensors (sqrt of the second moment and its
+    scaled copy) the size of what it steps at once: under ZeRO a group's flat partition, else (foreach, on CUDA)
+    a whole group."""
+    tp, dp = lay.tp, lay.dp
+    groups = [[p for p in params if p.matrix], [p for p in params if not p.matrix]]
+    if lay.zero == 0:
+        sizes = [sum(p.local(tp) for p in g) for g in groups]
+    elif lay.zero in (1, 2):
+        sizes = [_align(sum(p.local(tp) for p in g), 2 * dp) // dp for g in groups]
+    else:
+        sizes = [sum(math.ceil(p.local(tp) / dp) for p in g) for g in groups]
+    return 2 * 4 * max(sizes)
 
 
 def forward_gradient_bytes(numel: int, lay: Layout, prec: Precision, gas: int) -> int:
@@ -225,8 +241,8 @@ def micro_batch_activations(cfg: Config, lay: Layout, prec: Precision, stage: in
             chunk = min(vocab, max(1, CHUNK_ELEMENTS // (m.vocab_size // t)) * (m.vocab_size // t))
             total += 2 * 4 * vocab + (6 if e == 4 else 7) * 4 * chunk
         else:  # the pipeline's last stage, `losses.lm_loss` and `kd_loss`: LM's log-softmax, KD's two and their
-            # product's operands kept, with temporaries up to 7 fp32 copies at once (measured on CPU)
-            total += 7 * 4 * vocab
+            # product's operands kept, with temporaries 6 fp32 copies at once (measured in the pipeline on CPU)
+            total += 6 * 4 * vocab
     return total
 
 
@@ -240,6 +256,7 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     units = _units(params, lay.tp)
     teacher_whole = sum(p.local(lay.tp) for p in params if p.unit != "predictor")
     st.estimated["gradients"] = gradient_bytes(numel, lay, prec)
+    st.estimated["optimizer_step"] = optimizer_step_bytes(params, lay)
     st.forward_gradients = forward_gradient_bytes(numel, lay, prec, gas)
     # the teacher forward all-gathers fp32 slices (over DP > 1; else it reads its shard) and casts them (to 16
     # bits): one module at a time, or the whole stage for a whole batch under PP
@@ -251,6 +268,11 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     # DeepSpeed's 1F1B schedule keeps min(stages - stage, micro-batches) in flight on a stage
     st.inflight = min(lay.pp - stage, gas) if lay.pp > 1 else 1
     st.estimated["activations"] = st.inflight * st.activation_per_micro[lay.recompute]
+    if lay.pp > 1 and stage == lay.pp - 1:
+        # the schedule keeps at least two pipe buffers: on the last stage the previous micro-batch's outputs
+        # (student and teacher logits) stay in one while the next runs, and after the step
+        vocab = cfg.model.seq_length * lay.micro_batch * cfg.model.vocab_size // lay.tp
+        st.estimated["pipeline_buffers"] = (min(max(2, st.inflight), gas) - 1) * 2 * e * vocab
     # init: every rank builds the whole student (ZeRO-3: its partition) and the whole teacher in the compute
     # dtype (under PP: all stages, then frees the others), plus megatron's whole fp32 master of one matrix
     whole = stage_params(inv, cfg.model.num_layers, 1, 0) if lay.pp > 1 else params

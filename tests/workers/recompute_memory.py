@@ -8,7 +8,8 @@ usage: torchrun --nproc_per_node N tests/workers/recompute_memory.py OUT.json MO
 Memory is the resident set size (RSS): its high-water mark during step 1 (step 0 allocated the Adam moments)
 minus the RSS just before the model was built; the gradients are copied after that, at step 2. A first,
 unmeasured run of one step takes the process's one-time allocations (library caches, communication buffers:
-some 50-70 MiB here) out of the measured runs. glibc keeps freed blocks up to 32 MiB in its heap
+some 50-70 MiB here, and ~18 MiB at the first checkpointed attention: the warm-up recomputes it) out of the
+measured runs. glibc keeps freed blocks up to 32 MiB in its heap
 once its mmap threshold has adapted to them, and RSS would then count dead activations of earlier steps;
 a fixed threshold (set first thing, below) returns every large freed block to the system.
 """
@@ -98,7 +99,7 @@ def main() -> None:
     out_path, modes, overrides = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
     base = make_cfg(*overrides)
     dims = init_parallel(base.parallel.tensor, base.parallel.pipeline, base.parallel.zero_stage)
-    run_mode(make_cfg(*overrides, f"model.recompute={modes[0]}"), dims, steps=1)
+    run_mode(make_cfg(*overrides, "model.recompute=selective"), dims, steps=1)
     runs = {mode: run_mode(make_cfg(*overrides, f"model.recompute={mode}"), dims) for mode in modes}
     ref = runs[modes[0]]["grads"]
     mine = {mode: {"losses": r["losses"], "peak": r["peak"], "numel": sum(g.numel() for g in r["grads"]),

@@ -6,12 +6,12 @@ usage: torchrun --nproc_per_node N tests/workers/recompute_memory.py OUT.json MO
   MODES: comma-separated model.recompute values, the first is the reference (e.g. none,selective,full)
 
 Memory is the resident set size (RSS): its high-water mark during step 1 (step 0 allocated the Adam moments)
-minus the RSS just before the model was built; the gradients are copied after that, at step 2. A first,
-unmeasured run of one step takes the process's one-time allocations (library caches, communication buffers:
-some 50-70 MiB here, and ~18 MiB at the first checkpointed attention: the warm-up recomputes it) out of the
-measured runs. glibc keeps freed blocks up to 32 MiB in its heap
-once its mmap threshold has adapted to them, and RSS would then count dead activations of earlier steps;
-a fixed threshold (set first thing, below) returns every large freed block to the system.
+minus the RSS just before the model was built; the gradients are copied after that, at step 2. Three things keep
+RSS to the tensors alive: glibc's mmap threshold is fixed (set first thing, below; once adapted it keeps freed
+blocks up to 32 MiB in its heap, dead activations of earlier steps), freed heap pages are trimmed before each
+baseline, and a first, unmeasured run of one step takes the process's one-time allocations (library caches,
+communication buffers: some 50-70 MiB here, and ~18 MiB at the first checkpointed attention: the warm-up
+recomputes it) out of the measured runs.
 """
 
 from __future__ import annotations

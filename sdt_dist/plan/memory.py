@@ -14,6 +14,10 @@ Estimates (labelled so in the output): gradients and their reduce buckets, the t
 gathered weights, activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models": 34 s b h + 5 a s^2 b bytes per layer at 16 bits, split by TP / SP as there), logits and
 loss buffers, and the init peak.
+The steady-state peak is the end of a forward, when activations peak, or the optimizer step, when gradients and
+AdamW's temporaries do (a backward frees activations as it makes gradients): the larger of the two, where the
+forward also holds the gradient buffers that outlive a step (ZeRO-2/3's reduce bucket, ZeRO-3's flat gradient
+partition) or a micro-batch (gradient accumulation).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from sdt_dist.config import Config, check_layout
+from sdt_dist.distill.fused_lm_kd import CHUNK_ELEMENTS
 from sdt_dist.parallel.engine import build_ds_config, compute_dtype
 from sdt_dist.plan.inventory import ParamInfo
 
@@ -54,7 +59,7 @@ class Precision:
     param_bytes: int  # compute dtype: 4 (fp32) or 2 (bf16/fp16)
     persistence_threshold: int = 100_000  # ZeRO-3 stage3_param_persistence_threshold
     reduce_bucket: int = 500_000_000  # elements (DeepSpeed default)
-    flash_attention: bool = True  # SDPA keeps no s x s scores (CUDA); the CPU math path does
+    flash_attention: bool = True  # SDPA keeps no s x s scores (a fused kernel); the math path does
 
 
 def run_layout(cfg: Config, world: int) -> Layout:
@@ -66,12 +71,14 @@ def run_layout(cfg: Config, world: int) -> Layout:
 
 
 def run_precision(cfg: Config, dp: int, flash_attention: bool = True) -> Precision:
-    """Compute dtype and ZeRO buffer sizes from the DeepSpeed config the trainer derives."""
+    """Compute dtype and ZeRO buffer sizes from the DeepSpeed config the trainer derives. `flash_attention`:
+    the device has a fused SDPA kernel with dropout (CUDA); without dropout torch's CPU kernel is fused too."""
     ds = build_ds_config(cfg, dp)
     zero = ds["zero_optimization"]
     return Precision(param_bytes=compute_dtype(ds).itemsize,
                      persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
-                     reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)), flash_attention=flash_attention)
+                     reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)),
+                     flash_attention=flash_attention or cfg.model.dropout == 0)
 
 
 @dataclass
@@ -84,11 +91,15 @@ class StagePlan:
     estimated: dict[str, int] = field(default_factory=dict)  # gradients, gathers, activations, ...
     activation_per_micro: dict[str, int] = field(default_factory=dict)  # recompute mode -> bytes
     inflight: int = 1  # micro-batches whose activations are alive at once (1F1B pipeline)
+    forward_gradients: int = 0  # gradient bytes alive during a forward (kept buffers, accumulated gradients)
     init_peak: int = 0
 
     @property
     def steady_peak(self) -> int:
-        return sum(self.exact.values()) + sum(self.estimated.values())
+        est = dict(self.estimated)
+        step = est.pop("gradients", 0) + est.pop("optimizer_step", 0)
+        forward = est.pop("activations", 0) + self.forward_gradients
+        return sum(self.exact.values()) + sum(est.values()) + max(forward, step)
 
 
 def stage_params(inv: list[ParamInfo], layers: int, pp: int, stage: int) -> list[ParamInfo]:
@@ -152,10 +163,39 @@ def gradient_bytes(numel: int, lay: Layout, prec: Precision) -> int:
     bucket = min(prec.reduce_bucket, numel) * b
     if lay.zero == 0:
         return numel * b
-    if lay.zero == 1:
+    if lay.zero == 1:  # (under PP the gradients move into a reduce bucket: the same bytes)
         return numel * b + part * 4
     if lay.zero == 2:
         return part * (b + 4) + bucket
+    return part * 4 + bucket
+
+
+def optimizer_step_bytes(params: list[ParamInfo], lay: Layout) -> int:
+    """Estimate: torch AdamW's temporaries at the step, two fp32 tensors (sqrt of the second moment and its
+    scaled copy) the size of what it steps at once: under ZeRO a group's flat partition, else (foreach, on CUDA)
+    a whole group."""
+    tp, dp = lay.tp, lay.dp
+    groups = [[p for p in params if p.matrix], [p for p in params if not p.matrix]]
+    if lay.zero == 0:
+        sizes = [sum(p.local(tp) for p in g) for g in groups]
+    elif lay.zero in (1, 2):
+        sizes = [_align(sum(p.local(tp) for p in g), 2 * dp) // dp for g in groups]
+    else:
+        sizes = [sum(math.ceil(p.local(tp) / dp) for p in g) for g in groups]
+    return 2 * 4 * max(sizes)
+
+
+def forward_gradient_bytes(numel: int, lay: Layout, prec: Precision, gas: int) -> int:
+    """Estimate: the part of `gradient_bytes` alive during a forward. ZeRO-2/3 allocate their reduce bucket (and
+    ZeRO-3 its flat fp32 gradient partition) at start and keep it; with gradient accumulation the gradients of
+    earlier micro-batches (ZeRO-0/1: whole, ZeRO-2: their partition) wait for the step."""
+    b, part = prec.param_bytes, math.ceil(numel / lay.dp)
+    bucket = min(prec.reduce_bucket, numel) * b
+    accumulating = gas > 1
+    if lay.zero in (0, 1):
+        return numel * b if accumulating else 0
+    if lay.zero == 2:
+        return bucket + (part * b if accumulating else 0)
     return part * 4 + bucket
 
 
@@ -194,8 +234,13 @@ def micro_batch_activations(cfg: Config, lay: Layout, prec: Precision, stage: in
         total += 2 * e * sbh  # embedding output and its dropout
     if stage == lay.pp - 1:
         vocab = s * b * m.vocab_size // t
-        # student and teacher logits (compute dtype), fp32 copies for LM, and KD's two log-softmaxes
-        total += vocab * (2 * e + 3 * 4) + 2 * e * sbh
+        # student and teacher logits (compute dtype) and the final norm's input and output, then the losses
+        total += 2 * e * vocab + 2 * e * sbh
+        # fused LM + KD (`distill/fused_lm_kd.py`, also on the pipeline's last stage): softmax(z) and the
+        # probability difference in fp32, and at most 6 fp32 chunk temporaries (7 when the logits need an fp32
+        # copy) at once
+        chunk = min(vocab, max(1, CHUNK_ELEMENTS // (m.vocab_size // t)) * (m.vocab_size // t))
+        total += 2 * 4 * vocab + (6 if e == 4 else 7) * 4 * chunk
     return total
 
 
@@ -209,15 +254,23 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     units = _units(params, lay.tp)
     teacher_whole = sum(p.local(lay.tp) for p in params if p.unit != "predictor")
     st.estimated["gradients"] = gradient_bytes(numel, lay, prec)
-    # the teacher forward all-gathers fp32 slices and casts them: one module at a time, or the whole stage
-    # for a whole batch under PP
-    st.estimated["teacher_gathered"] = (teacher_whole if lay.pp > 1 else max(units)) * (e + 4)
+    st.estimated["optimizer_step"] = optimizer_step_bytes(params, lay)
+    st.forward_gradients = forward_gradient_bytes(numel, lay, prec, gas)
+    # the teacher forward all-gathers fp32 slices (over DP > 1; else it reads its shard) and casts them (to 16
+    # bits): one module at a time, or the whole stage for a whole batch under PP
+    copies = (4 if lay.dp > 1 else 0) + (e if e != 4 else 0)
+    st.estimated["teacher_gathered"] = (teacher_whole if lay.pp > 1 else max(units)) * copies
     if lay.zero == 3:  # the module running and the one prefetched
         st.estimated["zero3_gathered"] = 2 * max(units) * e
     st.activation_per_micro = {r: micro_batch_activations(cfg, lay, prec, stage, r) for r in RECOMPUTE}
     # DeepSpeed's 1F1B schedule keeps min(stages - stage, micro-batches) in flight on a stage
     st.inflight = min(lay.pp - stage, gas) if lay.pp > 1 else 1
     st.estimated["activations"] = st.inflight * st.activation_per_micro[lay.recompute]
+    if lay.pp > 1 and stage == lay.pp - 1:
+        # the schedule keeps at least two pipe buffers: on the last stage the previous micro-batch's outputs
+        # (student and teacher logits) stay in one while the next runs, and after the step
+        vocab = cfg.model.seq_length * lay.micro_batch * cfg.model.vocab_size // lay.tp
+        st.estimated["pipeline_buffers"] = (min(max(2, st.inflight), gas) - 1) * 2 * e * vocab
     # init: every rank builds its stage's student (ZeRO-3: its partition) and teacher in the compute dtype;
     # under PP also each unit of the other stages, one at a time, dropped once built (`model/stage_init.py`);
     # plus megatron's whole fp32 master of one matrix (of any stage: all are built)

@@ -14,7 +14,8 @@ LABELS = {
     "parameters": "parameters", "gradients": "gradients", "master_weights": "fp32 master weights",
     "optimizer_state": "optimizer state (Adam)", "teacher_shard": "EMA teacher shard (fp32)",
     "teacher_gathered": "teacher weights gathered", "zero3_gathered": "ZeRO-3 weights gathered",
-    "activations": "activations",
+    "activations": "activations", "optimizer_step": "AdamW step temporaries",
+    "pipeline_buffers": "pipeline output buffers",
 }
 
 
@@ -93,8 +94,8 @@ def format_plan(plan: Plan, mfu: float) -> str:
            "per rank, GiB" + "".join(f"   stage {s.stage:>3}" for s in plan.stages[:4])
            + ("   (stages 4.. omitted)" if lay.pp > 4 else "")]
     shown = plan.stages[:4]
-    for key in ("parameters", "gradients", "master_weights", "optimizer_state", "teacher_shard", "teacher_gathered",
-                "zero3_gathered", "activations"):
+    for key in ("parameters", "gradients", "optimizer_step", "master_weights", "optimizer_state", "teacher_shard",
+                "teacher_gathered", "zero3_gathered", "activations", "pipeline_buffers"):
         if any(key in s.exact or key in s.estimated for s in shown):
             kind = "exact" if key in shown[0].exact else "estimate"
             vals = "".join(f"  {_gib({**s.exact, **s.estimated}.get(key, 0))}" for s in shown)

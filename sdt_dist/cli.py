@@ -8,8 +8,8 @@ import sys
 
 import yaml
 
+from sdt_dist.checkpoint.layout import check_resume_layout
 from sdt_dist.config import ConfigError, check_layout, load_config
-from sdt_dist.resume_layout import check_resume_layout
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -101,7 +101,7 @@ class TrainConfig:
     save_interval: int = 500
     keep_checkpoints: int = 3
     # also write full_optimizer.safetensors (whole fp32 masters + Adam moments), so that the checkpoint can
-    # resume at another TP x PP x DP x ZeRO layout (sdt_dist/relayout.py); false: same-layout resume only
+    # resume at another TP x PP x DP x ZeRO layout (sdt_dist/checkpoint/relayout.py); false: same-layout resume only
     save_full_optimizer: bool = True
     resume: str = "auto"  # auto | none | path of a checkpoint dir
     # weights only (continued pretraining): an export, checkpoint, run dir or `sdt-export-hf` folder; a run with

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from sdt_dist import checkpoint
+from sdt_dist.checkpoint.layout import layout_changed, saved_layout
+from sdt_dist.checkpoint.resume import check_config, choose_on_all_ranks
 from sdt_dist.config import Config, adopt_legacy_values
 from sdt_dist.data.errors import DataError
 from sdt_dist.data.loader import MicroBatchIterator, build_datasets
@@ -32,8 +34,6 @@ from sdt_dist.mfu import mfu, peak_flops
 from sdt_dist.parallel.dims import ParallelDims, device
 from sdt_dist.plan.measure import PlanCheck
 from sdt_dist.progress import StepClock
-from sdt_dist.resume import check_config, choose_on_all_ranks
-from sdt_dist.resume_layout import layout_changed, saved_layout
 from sdt_dist.run_lock import lock_run_dir
 from sdt_dist.train_module import SDTrainModule
 from sdt_dist.train_step import StepResult, train_step

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sdt_dist.integrity import CheckpointDamaged, file_digests, verify
-from sdt_dist.resume import choose, config_changes
+from sdt_dist.checkpoint.integrity import CheckpointDamaged, file_digests, verify
+from sdt_dist.checkpoint.resume import choose, config_changes
 from tests.helpers import make_cfg, run_job
 
 

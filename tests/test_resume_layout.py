@@ -84,8 +84,8 @@ def test_a_checkpoint_without_full_optimizer_state_is_refused_naming_both_layout
 
 
 def test_the_parallel_section_may_change_only_when_resuming_at_another_layout():
+    from sdt_dist.checkpoint.resume import check_config
     from sdt_dist.config import ConfigError
-    from sdt_dist.resume import check_config
 
     saved, now = make_cfg("parallel.tensor=2").to_dict(), make_cfg("parallel.zero_stage=3").to_dict()
     check_config(Path("ckpt"), saved, now, relayout=True)
@@ -96,8 +96,8 @@ def test_the_parallel_section_may_change_only_when_resuming_at_another_layout():
 
 
 def test_layout_check_passes_a_checkpoint_with_full_optimizer_state(tmp_path):
+    from sdt_dist.checkpoint.layout import check_resume_layout
     from sdt_dist.config import ConfigError
-    from sdt_dist.resume_layout import check_resume_layout
 
     ckpt = tmp_path / "checkpoints" / "step_00000004"
     ckpt.mkdir(parents=True)

@@ -185,7 +185,7 @@ class EmaTeacher:
     @torch.no_grad()
     def load_full_parameters(self, values: list[torch.Tensor]) -> None:
         """Take this rank's slice of whole teacher parameters (this TP shard's, in `params` order): how a run at
-        another data-parallel size takes over the teacher of a checkpoint (`sdt_dist/relayout.py`)."""
+        another data-parallel size takes over the teacher of a checkpoint (`sdt_dist/checkpoint/relayout.py`)."""
         if [v.numel() for v in values] != self.numels:
             raise ValueError("teacher values do not match this rank's teacher parameters")
         self.shard.zero_()

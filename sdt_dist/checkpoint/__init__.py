@@ -15,6 +15,11 @@ Layout under `<run>/checkpoints/`:
 A checkpoint is written under `.tmp-<tag>` and renamed only after every rank has finished, so a crash
 while saving leaves the previous one intact and `latest` never points at a partial directory.
 Per-rank state goes in per-rank files: under ZeRO-1/2 DeepSpeed's client_state is kept from rank 0 only.
+
+This package: saving and loading (here), `resume.py` (which checkpoint a run resumes from, and whether its
+config agrees), `layout.py` (whether a resume changes the parallel layout, checked before any process group),
+`relayout.py` (resuming at another layout), `integrity.py` (the sha256 of every file), and
+`consolidation_guard.py` (DeepSpeed's consolidation scripts replaced by ones that refuse).
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ import torch
 import torch.distributed as dist
 
 from sdt_dist.atomic import write_json_atomic, write_text_atomic
-from sdt_dist.consolidation_guard import replace_consolidation_scripts
+from sdt_dist.checkpoint.consolidation_guard import replace_consolidation_scripts
+from sdt_dist.checkpoint.integrity import file_digests
+from sdt_dist.checkpoint.layout import layout_changed
+from sdt_dist.checkpoint.relayout import full_optimizer_state, load_at_new_layout, save_full_optimizer
 from sdt_dist.export import export
 from sdt_dist.faults import maybe_die
-from sdt_dist.integrity import file_digests
-from sdt_dist.relayout import full_optimizer_state, load_at_new_layout, save_full_optimizer
-from sdt_dist.resume_layout import layout_changed
 from sdt_dist.train_module import SDTrainModule
 
 LATEST = "latest"

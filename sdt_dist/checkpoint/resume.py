@@ -16,8 +16,8 @@ from typing import Any
 import torch.distributed as dist
 
 from sdt_dist.checkpoint import complete_checkpoints, resolve
+from sdt_dist.checkpoint.integrity import CheckpointDamaged, verify
 from sdt_dist.config import ConfigError
-from sdt_dist.integrity import CheckpointDamaged, verify
 
 # Run length, LR peak and floor, cadences, paths and logging may change on resume; data.source only names
 # what `data.prepared` was built from (the tokenizer hash is compared separately).
@@ -28,7 +28,7 @@ MAY_CHANGE = frozenset({
     "data.source", "data.workers", "data.verify_checksums",
 })
 MAY_CHANGE_SECTIONS = ("logging.",)
-# A resume at another layout reads the checkpoint's layout-independent state (sdt_dist/relayout.py): the
+# A resume at another layout reads the checkpoint's layout-independent state (sdt_dist/checkpoint/relayout.py): the
 # parallel section may then change as a whole.
 RELAYOUT_SECTIONS = ("parallel.",)
 

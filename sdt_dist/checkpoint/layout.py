@@ -2,7 +2,7 @@
 
 A checkpoint's DeepSpeed files and per-rank teacher shards are cut for the layout that wrote them (TP shards,
 pipeline stages, ZeRO partitions over DP ranks). A resume at another layout reads the checkpoint's
-layout-independent state instead (`export/` + `full_optimizer.safetensors`, `sdt_dist/relayout.py`); a
+layout-independent state instead (`export/` + `full_optimizer.safetensors`, `sdt_dist/checkpoint/relayout.py`); a
 checkpoint without it (written with `train.save_full_optimizer=false`, or before that file existed) resumes
 only at its own layout, and another layout is refused here, naming both and the supported ways.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdt_dist.config import Config, ConfigError
 
-FULL_OPTIMIZER = "full_optimizer.safetensors"  # sdt_dist/relayout.py writes it (that module imports torch)
+FULL_OPTIMIZER = "full_optimizer.safetensors"  # sdt_dist/checkpoint/relayout.py writes it (that module imports torch)
 
 
 def _layout(world: int, tp: int, pp: int, zero: int) -> str:

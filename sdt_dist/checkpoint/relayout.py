@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdt_dist.checkpoint.layout import FULL_OPTIMIZER
 from sdt_dist.export import gather_full_state
 from sdt_dist.init_from import local_shard
 from sdt_dist.parallel.optimizer_state import restore_optimizer_state, snapshot_optimizer_state
-from sdt_dist.resume_layout import FULL_OPTIMIZER
 
 _KINDS = ("fp32", "exp_avg", "exp_avg_sq")
 _STEP = "adam_step"

@@ -158,12 +158,19 @@ class EmaTeacher:
         finally:
             self._release(0, len(self.params))
 
+    @property
+    def copied(self) -> frozenset[int]:
+        """Indices of the frozen parameters copied from the student since the last load: equal to the student's."""
+        return frozenset(self._copied)
+
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> GPTOutput:
-        """The teacher's GPT forward, its weights gathered module by module."""
+    def forward(self, tokens: torch.Tensor, trunk: dict[int, torch.Tensor] | None = None) -> GPTOutput:
+        """The teacher's GPT forward, its weights gathered module by module. `trunk`: the student's output states
+        of layers 1..j, which equal the teacher's (`distill/shared_trunk.py`): the embedding and those layers
+        neither run nor are gathered."""
         self._by_unit, self.peak_numel = True, 0
         try:
-            return self.module(tokens)
+            return self.module(tokens, trunk=trunk)
         finally:
             self._by_unit = False
             self._release(0, len(self.params))

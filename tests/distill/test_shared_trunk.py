@@ -94,11 +94,11 @@ def _train(cfg, single_rank, steps: int) -> dict:
             "student": full_student_params(tm), "teacher": tm.teacher.full_parameters()}
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_training_is_bitwise_the_same_with_the_shared_trunk_on_and_off(single_rank, stage):
+@pytest.mark.parametrize("stage, ds_config", [(0, "null"), (3, "null"), (3, "ds_configs/bf16.json")])
+def test_training_is_bitwise_the_same_with_the_shared_trunk_on_and_off(single_rank, stage, ds_config):
     # milestones at steps 2 (1 layer) and 4 (2 layers) of 20; LayerDrop skips a shared layer in some micro-batches
-    common = [*SHARED, f"parallel.zero_stage={stage}", "train.global_batch_size=8", "distill.layerdrop_p=0.3",
-              "distill.freeze_milestones=[0.1,0.2]", "distill.freeze_fractions=[0.25,0.5]",
+    common = [*SHARED, f"parallel.zero_stage={stage}", f"parallel.ds_config={ds_config}", "train.global_batch_size=8",
+              "distill.layerdrop_p=0.3", "distill.freeze_milestones=[0.1,0.2]", "distill.freeze_fractions=[0.25,0.5]",
               "distill.align_map=nearest"]
     on = _train(make_cfg(*common), single_rank, steps=8)
     off = _train(make_cfg(*common, "distill.share_frozen_trunk=false"), single_rank, steps=8)

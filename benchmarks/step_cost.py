@@ -2,6 +2,7 @@
 
     python benchmarks/step_cost.py --shape small [--steps 30] [--threads 2] [--set distill.x=y ...]
     python benchmarks/step_cost.py --shape large --steps 16
+    python benchmarks/step_cost.py --trunk --set distill.freeze_embedding=true   # shared frozen trunk on vs off
 
 One process holds every arm and runs them interleaved (one step of each arm per round, the arm order
 rotated every round), so that a busy machine slows all arms alike; times are medians over the rounds
@@ -248,6 +249,32 @@ def levers(args: argparse.Namespace) -> None:
         print(f"{off} / with the lever: wall {med[off] / med[on]:.3f}, CPU {cpu[off] / cpu[on]:.3f}")
 
 
+def trunk(args: argparse.Namespace) -> None:
+    """Each frozen stage of the schedule with the shared frozen trunk on and off (one process, interleaved)."""
+    cfg = make_cfg(args)
+    if not cfg.distill.freeze_embedding:
+        raise SystemExit("--trunk: the trunk is shared only with --set distill.freeze_embedding=true")
+    arms: dict[str, Callable] = {}
+    _, arms["ours plain"] = our_arm(make_cfg(args, *PLAIN), None)
+    pairs = []
+    for lo, hi, k in stages(cfg):
+        if k:
+            name = f"ours SD, steps {lo}-{hi - 1}: {k} frozen, LayerDrop {cfg.distill.layerdrop_p:g}"
+            for share in ("true", "false"):
+                _, arms[f"{name}, trunk shared {share}"] = our_arm(
+                    make_cfg(args, f"distill.share_frozen_trunk={share}"), (lo, hi), k)
+            pairs.append(name)
+    med, cpu = interleaved(arms, [random_batch(cfg, 1000 + r) for r in range(args.steps)], args.warmup)
+    print(f"shared frozen trunk, shape {args.shape}, {args.threads} threads, median of rounds "
+          f"{args.warmup + 1}-{args.steps}")
+    print("| arm | wall ms/step | CPU ms/step |\n|---|---|---|")
+    for name in arms:
+        print(f"| {name} | {med[name] * 1e3:,.0f} | {cpu[name] * 1e3:,.0f} |")
+    for name in pairs:
+        on, off = f"{name}, trunk shared true", f"{name}, trunk shared false"
+        print(f"{name}: shared / recomputed: wall {med[on] / med[off]:.3f}, CPU {cpu[on] / cpu[off]:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
@@ -263,6 +290,9 @@ def main() -> None:
                              "over two runs where memory is short)")
     parser.add_argument("--levers", action="store_true",
                         help="instead: each lever of issue 12 switched off against on, in one process")
+    parser.add_argument("--trunk", action="store_true",
+                        help="instead: each frozen stage with the shared frozen trunk on and off, in one process "
+                             "(with --set distill.freeze_embedding=true)")
     parser.add_argument("--memory-arm", choices=["plain", "sd"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -272,6 +302,9 @@ def main() -> None:
     args.warmup = min(args.warmup, args.steps - 1)
     if args.levers:
         levers(args)
+        return
+    if args.trunk:
+        trunk(args)
         return
 
     sd_cfg = make_cfg(args)

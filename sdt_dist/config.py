@@ -68,6 +68,11 @@ class DistillConfig:
     freeze_milestones: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])  # fractions of steps
     freeze_fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3])  # cumulative alpha_m
     freeze_embedding: bool = False  # also freeze the embedding with the first layers (False: layers only, the paper)
+    # The teacher takes the frozen prefix's output states from the student instead of recomputing them (bitwise the
+    # same: frozen weights are copied into the teacher, and without dropout both compute alike). Needs
+    # freeze_embedding: with the embedding training, the teacher's is an EMA that differs from the student's and
+    # nothing can be shared. Not under pipeline parallelism. None: on when model.dropout == 0.
+    share_frozen_trunk: bool | None = None
     layerdrop_p: float = 0.1
     layerdrop_schedule: str = "uniform"  # uniform | linear (p_l = p * l / L)
 
@@ -342,6 +347,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0.0 <= d.layerdrop_p < 1.0, "distill.layerdrop_p", f"must be in [0, 1), got {d.layerdrop_p}")
     _check(d.layerdrop_schedule in ("uniform", "linear"), "distill.layerdrop_schedule",
            "must be uniform or linear")
+    if d.share_frozen_trunk:  # asked for explicitly: refuse where it would be wrong, or share nothing
+        _check(m.dropout == 0, "distill.share_frozen_trunk",
+               f"needs model.dropout=0 (the student's prefix runs with dropout {m.dropout}, the teacher's without)")
+        _check(d.freeze_embedding, "distill.share_frozen_trunk",
+               "needs distill.freeze_embedding=true (the teacher's embedding is otherwise an EMA: nothing to share)")
+        _check(p.pipeline == 1, "distill.share_frozen_trunk", "not supported with parallel.pipeline > 1")
 
     _check(t.max_steps > 0, "train.max_steps", "must be > 0")
     _check(t.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")

@@ -19,6 +19,7 @@ from sdt_dist.distill.fused_lm_kd import lm_kd_losses
 from sdt_dist.distill.layerdrop import layer_probs
 from sdt_dist.distill.predictor import build_predictors, predictor_spec
 from sdt_dist.distill.schedules import layer_map
+from sdt_dist.distill.shared_trunk import shared_layers, trunk_sharing
 from sdt_dist.distill.step_plan import StepPlan
 from sdt_dist.distill.teacher import EmaTeacher
 from sdt_dist.export import gather_full_state
@@ -161,8 +162,10 @@ class SDTrainModule:
 
     def plan(self, step: int, aligned: list[int]) -> StepPlan:
         """The decisions of training step `step` (the same on every rank)."""
+        shared = shared_layers(self.gpt, self.no_grad_prefix, self.student_gpt_params(), self.teacher.copied) \
+            if trunk_sharing(self.cfg) else 0
         return StepPlan(step=step, training=True, aligned=frozenset(aligned), no_grad_prefix=self.no_grad_prefix,
-                        drop_probs=tuple(self.drop_probs), seed=self.cfg.train.seed)
+                        shared_trunk=shared, drop_probs=tuple(self.drop_probs), seed=self.cfg.train.seed)
 
     def train_batch(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> BatchResult:
         """Steps 1-4 of Algorithm 1 for one optimizer step: per micro-batch the student forward with LayerDrop,
@@ -185,13 +188,13 @@ class SDTrainModule:
         tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
         # 1. student forward with LayerDrop (the plan's skips are the same on every rank: ZeRO-3 gathers
         # parameters with DP collectives, so all ranks must run the same layers); predictors q_l on the
-        # aligned layers that ran
-        logits, predictions = self.engine(tokens, skip=plan.dropped(micro), frozen_prefix=plan.no_grad_prefix,
-                                          aligned=tuple(sorted(plan.aligned)))
+        # aligned layers that ran; and the frozen trunk's output states the teacher shares
+        logits, predictions, trunk = self.engine(tokens, skip=plan.dropped(micro), frozen_prefix=plan.no_grad_prefix,
+                                                 aligned=tuple(sorted(plan.aligned)), trunk=plan.shared(micro))
         terms: dict[str, torch.Tensor] = {}
-        # 2. teacher forward (no grad, no dropout, no LayerDrop)
+        # 2. teacher forward (no grad, no dropout, no LayerDrop), from the shared trunk up
         if d.lambda_kd > 0 or predictions:
-            teacher = self.teacher(tokens)
+            teacher = self.teacher(tokens, trunk=trunk)
             # 3. LM and KD in one pass over the logits, then the alignment terms
             terms["lm"], terms["kd"] = lm_kd_losses(logits, teacher.logits, labels, mask, d.temperature, tp_group)
             sp_group = tp_group if self.cfg.parallel.sequence_parallel else None
@@ -242,7 +245,7 @@ class SDTrainModule:
         and a pipeline."""
         if self.pipeline is not None:
             return self.pipeline.eval_loss(self.engine, batch)
-        logits, _ = self.engine(batch["tokens"])
+        logits = self.engine(batch["tokens"]).logits
         return losses.lm_loss(logits, batch["labels"], batch["loss_mask"],
                               self.dims.tp_split).item()
 

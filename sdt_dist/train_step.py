@@ -2,14 +2,16 @@
 
   for each micro-batch:
     1. student forward with LayerDrop (a frozen prefix that includes the embedding runs without autograd)
-    2. teacher forward: EMA weights, eval mode, no LayerDrop, no grad
+    2. teacher forward: EMA weights, eval mode, no LayerDrop, no grad (from the student's frozen-prefix states
+       where they are its own: `distill/shared_trunk.py`)
     3. losses: LM + lambda_KD * T^2 * KL(teacher || student) + lambda_SD * alignment (`losses.combine_losses`)
     4. backward; DeepSpeed steps the optimizer at the accumulation boundary (AdamW, grad clip)
   5. EMA update of the teacher from the new student weights
   6. freezing milestones
 The step's decisions (which layers LayerDrop skips in each micro-batch, which are aligned, how many run
-without autograd) are fixed first, in an immutable `StepPlan`; `SDTrainModule.train_batch` runs steps 1-4
-with it, one micro-batch at a time or stage by stage under pipeline parallelism.
+without autograd, how many the teacher shares) are fixed first, in an immutable `StepPlan`;
+`SDTrainModule.train_batch` runs steps 1-4 with it, one micro-batch at a time or stage by stage under pipeline
+parallelism.
 A step whose loss or gradient is not finite on any rank is skipped everywhere: no optimizer update, no EMA
 update, no freezing (`parallel/finite_step.py`; DeepSpeed finds a non-finite gradient under ZeRO-1/2/3 and
 fp16, we check it under ZeRO-0, and the loss under pipeline parallelism just before the schedule's step).

@@ -9,8 +9,10 @@ matching slice of the student on the same rank, so it needs no communication:
 The teacher forward runs in eval mode (no dropout), without LayerDrop and without autograd, and, as
 ZeRO-3 does for the student, all-gathers one module at a time (the embedding, each layer, the final norm,
 the head) over the data-parallel group just before it runs and frees it right after: at most one layer's
-weights are whole at once. A pipeline stage instead keeps its pieces gathered over a whole batch
-(`materialized`), since the engine interleaves their forwards with its own schedule.
+weights are whole at once. With a shared frozen trunk (`shared_trunk.py`) the embedding and the shared layers
+neither run nor are gathered (a tied head still gathers the embedding). A pipeline stage instead keeps its
+pieces gathered over a whole batch (`materialized`), since the engine interleaves their forwards with its own
+schedule.
 Parameters of frozen layers are copied (tau = 0), not averaged. Predictors are not part of the teacher.
 """
 
@@ -158,12 +160,19 @@ class EmaTeacher:
         finally:
             self._release(0, len(self.params))
 
+    @property
+    def copied(self) -> frozenset[int]:
+        """Indices of the frozen parameters copied from the student since the last load: equal to the student's."""
+        return frozenset(self._copied)
+
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> GPTOutput:
-        """The teacher's GPT forward, its weights gathered module by module."""
+    def forward(self, tokens: torch.Tensor, trunk: dict[int, torch.Tensor] | None = None) -> GPTOutput:
+        """The teacher's GPT forward, its weights gathered module by module. `trunk`: the student's output states
+        of layers 1..j, which equal the teacher's (`distill/shared_trunk.py`): the embedding and those layers
+        neither run nor are gathered."""
         self._by_unit, self.peak_numel = True, 0
         try:
-            return self.module(tokens)
+            return self.module(tokens, trunk=trunk)
         finally:
             self._by_unit = False
             self._release(0, len(self.params))

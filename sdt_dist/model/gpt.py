@@ -98,16 +98,26 @@ class GPTModel(torch.nn.Module):
         return logits.transpose(0, 1)  # [b, s, vocab / tp]
 
     def forward(
-        self, tokens: torch.Tensor, skip: frozenset[int] = frozenset(), frozen_prefix: int = 0
+        self, tokens: torch.Tensor, skip: frozenset[int] = frozenset(), frozen_prefix: int = 0,
+        trunk: dict[int, torch.Tensor] | None = None,
     ) -> GPTOutput:
         """`skip`: layer numbers to bypass (LayerDrop in training, pruning at inference).
         `frozen_prefix`: the embedding and layers 1..k are frozen; they run without autograd so that
-        backward stops at the boundary."""
+        backward stops at the boundary.
+        `trunk`: the output states of layers 1..j from another forward with the same weights (the shared frozen
+        trunk): the embedding and those layers do not run, the forward starts at layer j + 1 from trunk[j] and
+        reports trunk's states as its own."""
         rotary = self.rope(tokens.size(1), tokens.device)
-        hidden: dict[int, torch.Tensor] = {}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_prefix == 0):
-            h = self.embed(tokens)
-        for number, layer in enumerate(self.layers, start=1):
+        hidden = dict(trunk or {})
+        start = len(hidden)
+        if sorted(hidden) != list(range(1, start + 1)) or skip & set(hidden):
+            raise ValueError(f"a trunk holds the states of layers 1..j, none skipped; got {sorted(hidden)}")
+        if start:
+            h = hidden[start]
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_prefix == 0):
+                h = self.embed(tokens)
+        for number, layer in enumerate(self.layers[start:], start=start + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and number > frozen_prefix):
                 h, _ = layer(h, attention_mask=None, rotary_pos_emb=rotary, skip=number in skip)
             if number not in skip:

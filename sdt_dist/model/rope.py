@@ -12,7 +12,9 @@ import torch
 class RotaryEmbedding(torch.nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        # An integer arange: under ZeRO-3's zero.Init a floating one comes out in the training dtype, and bf16
+        # frequencies gave the student other rotary angles than the (fp32) teacher.
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
         # A buffer, not a parameter: not trained, not sharded by ZeRO, not in checkpoints.
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

@@ -57,13 +57,17 @@ COMMON = ["model.dropout=0", "model.tie_embeddings=false", "parallel.zero_stage=
           "data.prepared=[unused]", "train.warmup_steps=0"]
 PLAIN = ["distill.lambda_kd=0", "distill.lambda_sd=0", "distill.freeze_milestones=[]",
          "distill.freeze_fractions=[]", "distill.layerdrop_p=0"]
+# the schedule issue 12 measures (the paper's: 10/20/30% of layers at 10/20/30% of steps, LayerDrop 0.1),
+# whatever DistillConfig's defaults; PLAIN and NO_FREEZE switch it off
+SCHEDULE = ["distill.freeze_milestones=[0.1, 0.2, 0.3]", "distill.freeze_fractions=[0.1, 0.2, 0.3]",
+            "distill.layerdrop_p=0.1"]
 NO_FREEZE = ["distill.freeze_milestones=[]", "distill.freeze_fractions=[]", "distill.layerdrop_p=0"]
 SD, EMA = "ours SD, no freezing, no LayerDrop", "EMA update alone (SD arm)"
 
 
 def make_cfg(args: argparse.Namespace, *extra: str) -> Config:
-    return load_config(None, [*SHAPES[args.shape], *COMMON, f"train.max_steps={args.run_steps}", *args.set,
-                              *extra])
+    return load_config(None, [*SHAPES[args.shape], *COMMON, *SCHEDULE, f"train.max_steps={args.run_steps}",
+                              *args.set, *extra])
 
 
 def random_batch(cfg: Config, seed: int) -> dict[str, torch.Tensor]:

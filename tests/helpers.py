@@ -32,6 +32,8 @@ TINY = [
     "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "model.vocab_size=128",
     "model.seq_length=16", "train.micro_batch_size=4", "train.global_batch_size=4", "train.max_steps=20",
     "train.warmup_steps=2", "data.prepared=[unused]", "parallel.ds_config=null",
+    # every component on (the paper's schedule), whatever the defaults
+    "distill.freeze_milestones=[0.1, 0.2, 0.3]", "distill.freeze_fractions=[0.1, 0.2, 0.3]", "distill.layerdrop_p=0.1",
 ]
 
 

@@ -4,10 +4,11 @@ from sdt_dist.config import DistillConfig, TrainConfig
 from sdt_dist.distill.schedules import aligned_layers_at, frozen_layers_at, layer_map, lr_at, tau_at
 
 
-def test_freezing_milestones_default_10_20_30_percent():
-    d = DistillConfig()
+def test_freezing_milestones_10_20_30_percent():
+    d = DistillConfig(freeze_milestones=[0.1, 0.2, 0.3], freeze_fractions=[0.1, 0.2, 0.3])  # the paper's schedule
     got = [frozen_layers_at(s, d, 12, 100) for s in (0, 9, 10, 19, 20, 29, 30, 99)]
     assert got == [0, 0, 1, 1, 2, 2, 3, 3]  # floor(0.1*12)=1, floor(0.2*12)=2, floor(0.3*12)=3
+    assert [frozen_layers_at(s, DistillConfig(), 12, 100) for s in (0, 50, 99)] == [0, 0, 0]  # default: none
 
 
 def test_kappa_ramps_from_top_to_all_unfrozen():

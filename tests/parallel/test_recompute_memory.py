@@ -71,3 +71,19 @@ def test_plan_steady_peak_is_the_measured_peak(runs, name):
             print(f"{name} {mode} rank {rank['rank']}: plan {planned / 2**20:.1f} MiB, "
                   f"measured {measured / 2**20:.1f} MiB")
             assert abs(planned - measured) <= 0.15 * measured, (name, mode, rank["rank"], planned, measured)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_plan_model_states_are_the_engine_bytes(runs, name):
+    """sdt-plan's exact terms (parameters, fp32 masters, Adam moments, teacher shard) are the bytes each rank's
+    engine holds, on these wider configs too (test_parallel.py checks the tiny one), in every recompute mode."""
+    nproc, modes, overrides = LAYOUTS[name]
+    res = runs[name]
+    for mode in modes.split(","):
+        cfg = make_cfg(*BASE, *overrides, f"model.recompute={mode}")
+        layout = run_layout(cfg, nproc)
+        stages = plan_layout(cfg, parameter_inventory(cfg), layout, run_precision(cfg, layout.dp))
+        for rank in res["ranks"]:
+            got = rank["modes"][mode]["engine_bytes"]
+            assert got == stages[rank["pp_rank"]].exact, (name, mode, rank["rank"])
+            assert got["optimizer_state"] > 0

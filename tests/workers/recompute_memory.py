@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from sdt_dist.parallel.dims import init_parallel  # noqa: E402
+from sdt_dist.plan.measure import engine_tensor_bytes  # noqa: E402
 from sdt_dist.train_module import SDTrainModule  # noqa: E402
 from sdt_dist.train_step import train_step  # noqa: E402
 from tests.helpers import finish_worker, make_cfg, random_batch  # noqa: E402
@@ -82,9 +83,10 @@ def run_mode(cfg, dims, steps: int = STEPS) -> dict:
         if step == 1:
             peak = peak_rss() - baseline
     hook.remove()
+    states = engine_tensor_bytes(tm)  # after the steps: Adam's moments exist
     tm.engine.destroy()
     del tm, inner
-    return {"losses": losses, "grads": grads, "peak": peak}
+    return {"losses": losses, "grads": grads, "peak": peak, "engine_bytes": states}
 
 
 def compare(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[bool, float]:
@@ -102,7 +104,8 @@ def main() -> None:
     run_mode(make_cfg(*overrides, "model.recompute=selective"), dims, steps=1)
     runs = {mode: run_mode(make_cfg(*overrides, f"model.recompute={mode}"), dims) for mode in modes}
     ref = runs[modes[0]]["grads"]
-    mine = {mode: {"losses": r["losses"], "peak": r["peak"], "numel": sum(g.numel() for g in r["grads"]),
+    mine = {mode: {"losses": r["losses"], "peak": r["peak"], "engine_bytes": r["engine_bytes"],
+                   "numel": sum(g.numel() for g in r["grads"]),
                    "grads_equal": compare(r["grads"], ref)[0], "grads_rel": compare(r["grads"], ref)[1]}
             for mode, r in runs.items()}
     ranks = [None] * dims.world_size

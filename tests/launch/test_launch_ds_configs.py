@@ -101,8 +101,10 @@ def test_trains_steps_on_two_ranks(trained: dict[str, dict[str, Any]], path: Pat
     assert "error" not in res, res.get("error")
     raw = _raw(path)
     losses = res["losses"]
-    assert all(math.isfinite(x) for x in losses), losses
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses), res
     assert losses[2] < losses[0], f"3 steps on one batch did not lower its loss: {losses}"
+    # only fp16's loss scaler skips steps (overflowing scaled gradients while the scale comes down)
+    assert res["skipped"] == 0 or raw.get("fp16", {}).get("enabled", False), res
     assert res["stage"] == stage
     assert res["bf16"] == raw.get("bf16", {}).get("enabled", False)
     assert res["fp16"] == raw.get("fp16", {}).get("enabled", False)

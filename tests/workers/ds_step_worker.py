@@ -37,10 +37,21 @@ def run_one(path: str, stage: int, dims) -> dict:
                             f"raised: {e}"}
         raise
     batch = random_batch(cfg, seed=dist.get_rank())
-    losses = [train_step(tm, [batch], step).loss for step in range(3)]
+    # three applied steps; under fp16 the dynamic loss scale starts at 2^16, and the steps whose scaled
+    # gradients overflow are skipped (weights untouched) until it has come down
+    losses, skipped = [], 0
+    for step in range(40):
+        result = train_step(tm, [batch], step)
+        if result.skipped:
+            skipped += 1
+            continue
+        losses.append(result.loss)
+        if len(losses) == 3:
+            break
     engine = tm.engine
-    return {"losses": losses, "stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(),
-            "fp16": engine.fp16_enabled(), "offload": bool(engine.zero_cpu_offload()),
+    return {"losses": losses, "skipped": skipped, "stage": engine.zero_optimization_stage(),
+            "bf16": engine.bfloat16_enabled(), "fp16": engine.fp16_enabled(),
+            "offload": bool(engine.zero_cpu_offload()),
             "optimizer": type(engine.optimizer).__name__}
 
 

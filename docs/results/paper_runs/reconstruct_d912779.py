@@ -2,7 +2,10 @@
 (2026-12-05), rebuilt from the aggregate committed in d912779 (docs/results/tables_v2_partial.json; runs
 trained at abff837). Per seed: the table metrics and pruning curve; a learning curve only where that
 aggregate held one seed (points averaged with another seed's partial run left out), else the variant's mean
-and std as curve_group.json. Run from the repository root:
+and std as curve_group.json. It ran at commit 0f1dea9, against that commit's paper.yaml (run it from a
+checkout of 0f1dea9); e9748e4 then moved the records to the variants that name their configs today
+(selfdistil_t -> paper_schedule, no_freeze -> with_layerdrop, no_layerdrop -> with_freeze, the other
+ablations of that recipe -> *_paper_schedule):
     PYTHONPATH=. python docs/results/paper_runs/reconstruct_d912779.py
 """
 import json

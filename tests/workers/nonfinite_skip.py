@@ -2,7 +2,8 @@
 
 usage: torchrun --nproc_per_node N tests/workers/nonfinite_skip.py OUT.json FAULTS [key=value ...]
 FAULTS: comma-separated `<step>:<kind>@<rank>`, kind `grad` (one parameter's gradient made infinite by a hook,
-the loss stays finite) or `loss` (the LM loss made NaN in its value only: its gradient stays finite).
+the loss stays finite) or `loss` (the total loss made NaN in its value only: its gradient stays finite; patched in
+`losses.combine_losses`, the one place every layout forms it).
 Rank 0 writes, per rank: whether each faulty step was skipped, whether weights, Adam state and teacher stayed
 bitwise the same across it, and whether the rest of the run equals the reference bitwise.
 """
@@ -34,9 +35,9 @@ def inject(tm: SDTrainModule, kind: str):
     if kind == "grad":
         param = next(p for p in tm.engine.module.parameters() if p.requires_grad)
         return param.register_hook(lambda g: torch.full_like(g, float("inf"))).remove
-    real = losses.lm_loss
-    losses.lm_loss = lambda *a, **k: (lambda lm: lm + lm.detach() * float("nan"))(real(*a, **k))
-    return lambda: setattr(losses, "lm_loss", real)
+    real = losses.combine_losses
+    losses.combine_losses = lambda *a, **k: (lambda t: t + t.detach() * float("nan"))(real(*a, **k))
+    return lambda: setattr(losses, "combine_losses", real)
 
 
 def state(tm: SDTrainModule) -> list[torch.Tensor]:

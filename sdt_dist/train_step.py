@@ -38,6 +38,7 @@ class StepResult:
     frozen_layers: int = 0
     dropped_layers: list[int] = field(default_factory=list)
     aligned_layers: list[int] = field(default_factory=list)
+    shared_trunk: int = 0  # frozen layers the teacher took from the student (`StepPlan.shared_trunk`)
     tokens: int = 0
     skipped: bool = False
 
@@ -49,10 +50,12 @@ def train_step(tm: SDTrainModule, micro_batches: list[dict[str, torch.Tensor]], 
     lr, tau = lr_at(step, cfg.train), tau_at(step, cfg.distill, max_steps)
     tm.set_lr(lr)
     # 1-4. student and teacher forward, losses, backward for each micro-batch; the optimizer step
-    batch = tm.train_batch(micro_batches, tm.plan(step, aligned))
+    plan = tm.plan(step, aligned)
+    batch = tm.train_batch(micro_batches, plan)
     result = StepResult(loss=batch.loss, loss_lm=batch.loss_lm, loss_kd=batch.loss_kd, loss_align=batch.loss_align,
                         lr=lr, tau=tau, frozen_layers=tm.frozen, dropped_layers=batch.dropped_layers,
-                        aligned_layers=aligned, tokens=batch.tokens, skipped=batch.skipped)
+                        aligned_layers=aligned, shared_trunk=plan.shared_trunk, tokens=batch.tokens,
+                        skipped=batch.skipped)
     if result.skipped:
         return result
     # 5. EMA update of the teacher, from the student after this step (frozen parameters copied)

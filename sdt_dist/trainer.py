@@ -183,7 +183,8 @@ class Trainer:
     def _record(self, res: StepResult, dt: float) -> dict[str, Any]:
         loss, lm, kd, align = self._reduce_mean([res.loss, res.loss_lm, res.loss_kd, res.loss_align])
         tokens = self._reduce_mean([float(res.tokens)])[0] * self.dims.dp
-        flops = step_flops(self.cfg, layer_params(self.cfg.model), self.dims.dp, self.step - 1, res.frozen_layers)
+        flops = step_flops(self.cfg, layer_params(self.cfg.model), self.dims.dp, self.step - 1, res.frozen_layers,
+                           res.shared_trunk)
         return {"step": self.step, "loss": loss, "loss_lm": lm, "loss_kd": kd, "loss_align": align,
                 "lr": res.lr, "tau": res.tau, "frozen_layers": res.frozen_layers,
                 "dropped_layers": res.dropped_layers, "aligned_layers": res.aligned_layers,

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from sdt_dist.config import ConfigError
+from sdt_dist.distill.schedules import aligned_layers_at
+from sdt_dist.distill.shared_trunk import scheduled_shared_layers
 from sdt_dist.eval.compute import layer_params, parameter_counts, schedule_flops, step_flops
 from sdt_dist.mfu import mfu, peak_flops
 from tests.helpers import make_cfg, tiny_model
@@ -21,6 +23,28 @@ def test_step_flops_add_up_to_the_schedule_and_mfu_is_their_rate_over_the_peak()
     steps = [step_flops(cfg, per_layer, 1, s, 0 if s < 10 else 2) for s in range(20)]
     assert sum(steps) == pytest.approx(schedule_flops(cfg, per_layer, world_size=1)["train_flops"], rel=1e-12)
     assert mfu(4e12, 2.0, 2, 1e12) == 1.0  # 4 TFLOP in 2 s on 2 devices of 1 TFLOP/s each
+
+
+def test_a_shared_trunk_saves_its_teacher_layers_and_predictors_cost_12_d2_per_aligned_layer():
+    # no LayerDrop: every micro-step runs every layer, so both differences are closed forms
+    common = ["distill.layerdrop_p=0", "model.dropout=0", "distill.freeze_embedding=true"]
+    shared, recomputed = (make_cfg(*common, f"distill.share_frozen_trunk={on}") for on in ("true", "false"))
+    m, t = shared.model, shared.train
+    per_layer = layer_params(m)
+    tokens = t.global_batch_size * m.seq_length
+    layer_fwd = 2.0 * per_layer + 2.0 * m.seq_length * m.hidden_size
+    counts = [scheduled_shared_layers(shared, s) for s in range(t.max_steps)]
+    assert counts == [0] * 7 + [1] * 13  # TINY: 1 of 4 layers frozen from step 6 (30%), copied in its EMA update
+    saved = (schedule_flops(recomputed, per_layer, 1)["train_flops"]
+             - schedule_flops(shared, per_layer, 1)["train_flops"])
+    assert saved == pytest.approx(sum(counts) * layer_fwd * tokens, rel=1e-12)
+
+    no_align = make_cfg(*common, "distill.lambda_sd=0")
+    aligned = sum(len(aligned_layers_at(s, recomputed.distill, m.num_layers, t.max_steps, 0)) for s in range(20))
+    assert aligned > 0
+    extra = sum(step_flops(recomputed, per_layer, 1, s, 0) - step_flops(no_align, per_layer, 1, s, 0)
+                for s in range(20))
+    assert extra == pytest.approx(aligned * 12 * m.hidden_size**2 * tokens, rel=1e-12)
 
 
 def test_peak_flops_override_else_a_measured_matmul():

@@ -16,6 +16,7 @@ import torch
 
 from sdt_dist.config import Config
 from sdt_dist.distill.freezing import frozen_parameters
+from sdt_dist.distill.schedules import frozen_layers_at
 from sdt_dist.model.gpt import GPTModel
 
 
@@ -24,6 +25,15 @@ def trunk_sharing(cfg: Config) -> bool:
     d = cfg.distill
     on = cfg.model.dropout == 0 if d.share_frozen_trunk is None else d.share_frozen_trunk
     return on and d.freeze_embedding and cfg.parallel.pipeline == 1
+
+
+def scheduled_shared_layers(cfg: Config, step: int) -> int:
+    """The layers the teacher shares at 0-based `step` of an uninterrupted run: those frozen in the step before,
+    whose EMA update copied them (after a resume, one step later: a checkpoint load forgets the copies)."""
+    if step == 0 or not trunk_sharing(cfg):
+        return 0
+    d, n, total = cfg.distill, cfg.model.num_layers, cfg.train.max_steps
+    return min(frozen_layers_at(step, d, n, total), frozen_layers_at(step - 1, d, n, total))
 
 
 def shared_layers(gpt: GPTModel, frozen: int, params: list[torch.nn.Parameter], copied: frozenset[int]) -> int:

@@ -13,10 +13,12 @@ A SelfDistil-T step per token (student with LayerDrop and freezing, plus the EMA
   student backward  2x the forward of the layers that ran and are not frozen, + 4 N_head; frozen layers
                     1..k cost nothing when the embedding is frozen too (they run without autograd, backward
                     stops at the boundary), else 1x their forward (input gradients only, on to the embedding)
-  teacher forward   2N + 2 L s d, when a distillation term is on (lambda_kd > 0 or lambda_sd > 0)
-The frozen count and the dropped layers of every micro-step are pure functions of (config, step)
-(`schedules.frozen_layers_at`, `layerdrop.sample_dropped`), so the totals are exact for the run's
-schedule; the logged `frozen_layers` are checked against it. Predictor heads (alignment) are left out.
+  teacher forward   2N + 2 L s d, when a distillation term is on (lambda_kd > 0 or lambda_sd > 0), less the
+                    forward of the layers it takes from the student's frozen trunk (`distill/shared_trunk.py`)
+  predictors        12 d^2 per aligned layer that ran: Linear(d, d) twice, forward 4 d^2, backward twice that
+The frozen count, the shared trunk and the dropped layers of every micro-step are pure functions of (config,
+step) (`schedules.frozen_layers_at`, `shared_trunk.scheduled_shared_layers`, `layerdrop.sample_dropped`), so
+the totals are exact for the run's schedule; the logged `frozen_layers` are checked against it.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdt_dist.config import Config, DistillConfig, ModelConfig, check_layout
-from sdt_dist.distill.layerdrop import layer_probs, sample_dropped
+from sdt_dist.config import Config, ModelConfig, check_layout
+from sdt_dist.distill.layerdrop import layer_probs
 from sdt_dist.distill.schedules import aligned_layers_at, frozen_layers_at
+from sdt_dist.distill.shared_trunk import scheduled_shared_layers
+from sdt_dist.distill.step_plan import StepPlan
 from sdt_dist.model import GPTModel
 
 FLOPS_FORMULA = (
@@ -35,8 +39,9 @@ FLOPS_FORMULA = (
     "(decoder + output-projection weights; embedding lookups excluded). SelfDistil-T step: student forward "
     "over the layers that ran + backward (2x forward) over the ones that ran unfrozen (1x over frozen ones when "
     "the embedding trains) + output head fwd/bwd, "
-    "+ EMA-teacher forward (2N + 2Lsd) when lambda_kd > 0 or lambda_sd > 0; norms, softmax, predictors and "
-    "the optimizer excluded"
+    "+ EMA-teacher forward (2N + 2Lsd, less the layers shared with the student's frozen trunk) when lambda_kd > 0 "
+    "or lambda_sd > 0, + 12d^2 per aligned layer that ran (predictors, forward and backward); norms, softmax "
+    "and the optimizer excluded"
 )
 
 
@@ -65,35 +70,36 @@ def flops_per_token(m: ModelConfig, per_layer_params: int) -> dict[str, float]:
 
 
 def _sdt_step_flops(m: ModelConfig, per_layer_params: int, ran: int, ran_trainable: int, teacher: bool,
-                    ran_input_grad_only: int = 0) -> float:
+                    ran_input_grad_only: int = 0, shared: int = 0, predicted: int = 0) -> float:
     layer_fwd = 2.0 * per_layer_params + 2.0 * m.seq_length * m.hidden_size
     head_fwd = 2.0 * m.hidden_size * m.vocab_size
     student = (ran * layer_fwd + head_fwd + 2 * (ran_trainable * layer_fwd + head_fwd)
                + ran_input_grad_only * layer_fwd)
-    return student + (m.num_layers * layer_fwd + head_fwd if teacher else 0.0)
+    predictors = 12.0 * m.hidden_size * m.hidden_size * predicted
+    return student + predictors + ((m.num_layers - shared) * layer_fwd + head_fwd if teacher else 0.0)
 
 
-def _teacher_runs(d: DistillConfig, step: int, num_layers: int, max_steps: int, frozen: int) -> bool:
-    # train_step runs the teacher when KD is on or some aligned layer exists (a dropped layer aside)
-    return d.lambda_kd > 0 or bool(aligned_layers_at(step, d, num_layers, max_steps, frozen))
-
-
-def step_flops(cfg: Config, per_layer_params: int, dp: int, step: int, frozen: int) -> float:
+def step_flops(cfg: Config, per_layer_params: int, dp: int, step: int, frozen: int, shared_trunk: int = 0) -> float:
     """Training FLOPs of one optimizer step on all ranks together (0-based `step`, as train_step sees it) with
-    `frozen` layers frozen and the LayerDrop of each micro-step as drawn."""
+    `frozen` layers frozen, the teacher sharing `shared_trunk` of them (`StepPlan.shared_trunk`) and the
+    LayerDrop of each micro-step as drawn."""
     m, d, t = cfg.model, cfg.distill, cfg.train
     gas = t.global_batch_size // (t.micro_batch_size * dp)
     tokens_per_micro = t.micro_batch_size * dp * m.seq_length
-    probs = layer_probs(d.layerdrop_p, m.num_layers, d.layerdrop_schedule)
-    teacher = _teacher_runs(d, step, m.num_layers, t.max_steps, frozen)
+    plan = StepPlan(step=step, training=True, shared_trunk=shared_trunk, seed=t.seed,
+                    drop_probs=tuple(layer_probs(d.layerdrop_p, m.num_layers, d.layerdrop_schedule)))
+    aligned = aligned_layers_at(step, d, m.num_layers, t.max_steps, frozen)
+    teacher = d.lambda_kd > 0 or bool(aligned)
     total = 0.0
     for micro in range(gas):
-        dropped = sample_dropped(probs, t.seed, step, micro)
+        dropped = plan.dropped(micro)
         ran = m.num_layers - len(dropped)
         trainable = sum(1 for n in range(frozen + 1, m.num_layers + 1) if n not in dropped)
         # a trainable embedding below frozen layers needs their input gradients
         input_grad_only = 0 if d.freeze_embedding else ran - trainable
-        total += tokens_per_micro * _sdt_step_flops(m, per_layer_params, ran, trainable, teacher, input_grad_only)
+        predicted = sum(1 for n in aligned if n not in dropped)
+        total += tokens_per_micro * _sdt_step_flops(m, per_layer_params, ran, trainable, teacher, input_grad_only,
+                                                    plan.shared(micro), predicted)
     return total
 
 
@@ -111,7 +117,7 @@ def schedule_flops(cfg: Config, per_layer_params: int, world_size: int, steps: i
         frozen = frozen_layers_at(step, d, m.num_layers, t.max_steps)
         if not timeline or timeline[-1][1] != frozen:
             timeline.append((step + 1, frozen))
-        total += step_flops(cfg, per_layer_params, dp, step, frozen)
+        total += step_flops(cfg, per_layer_params, dp, step, frozen, scheduled_shared_layers(cfg, step))
         no_freeze += step_flops(cfg, per_layer_params, dp, step, 0)
     plain = flops_per_token(m, per_layer_params)["training"] * tokens_per_micro * gas * steps
     return {"train_flops": total, "train_flops_without_freezing": no_freeze,

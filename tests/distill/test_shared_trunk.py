@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sdt_dist.config import ConfigError
-from sdt_dist.distill.shared_trunk import trunk_sharing
+from sdt_dist.distill.shared_trunk import scheduled_shared_layers, trunk_sharing
 from tests.helpers import make_cfg, random_batch
 
 # fp32, no dropout, the embedding frozen with the layers
@@ -100,10 +100,12 @@ def test_training_is_bitwise_the_same_with_the_shared_trunk_on_and_off(single_ra
     common = [*SHARED, f"parallel.zero_stage={stage}", f"parallel.ds_config={ds_config}", "train.global_batch_size=8",
               "distill.layerdrop_p=0.3", "distill.freeze_milestones=[0.1,0.2]", "distill.freeze_fractions=[0.25,0.5]",
               "distill.align_map=nearest"]
-    on = _train(make_cfg(*common), single_rank, steps=8)
+    on_cfg = make_cfg(*common)
+    on = _train(on_cfg, single_rank, steps=8)
     off = _train(make_cfg(*common, "distill.share_frozen_trunk=false"), single_rank, steps=8)
     # each milestone's layers are shared from the step after their copy into the teacher
     assert on["shared"] == [0, 0, 0, 1, 1, 2, 2, 2] and off["shared"] == [0] * 8
+    assert on["shared"] == [scheduled_shared_layers(on_cfg, s) for s in range(8)]  # what the FLOP count assumes
     assert any(c < s for cs, s in zip(on["capped"], on["shared"]) for c in cs)  # a skipped prefix layer capped it
     assert on["teacher_layer1"] < off["teacher_layer1"] == 16
     assert on["losses"] == off["losses"]

@@ -61,6 +61,8 @@ class BatchResult:
 class SDTrainModule:
     def __init__(self, cfg: Config, dims: ParallelDims) -> None:
         self.cfg, self.dims = cfg, dims
+        self._trunk_key: tuple[int, frozenset[int]] | None = None  # what `_trunk` was worked out for
+        self._trunk = 0
         m, d = cfg.model, cfg.distill
         if cfg.parallel.sequence_parallel:
             place_megatron_buffers_on_accelerator()  # megatron-core allocates SP buffers on CUDA by default
@@ -162,10 +164,17 @@ class SDTrainModule:
 
     def plan(self, step: int, aligned: list[int]) -> StepPlan:
         """The decisions of training step `step` (the same on every rank)."""
-        shared = shared_layers(self.gpt, self.no_grad_prefix, self.student_gpt_params(), self.teacher.copied) \
-            if trunk_sharing(self.cfg) else 0
+        shared = self._shared_trunk() if trunk_sharing(self.cfg) else 0
         return StepPlan(step=step, training=True, aligned=frozenset(aligned), no_grad_prefix=self.no_grad_prefix,
                         shared_trunk=shared, drop_probs=tuple(self.drop_probs), seed=self.cfg.train.seed)
+
+    def _shared_trunk(self) -> int:
+        # changes only at a milestone's copy into the teacher or a checkpoint load: not worked out every step
+        key = (self.no_grad_prefix, self.teacher.copied)
+        if self._trunk_key != key:
+            self._trunk_key = key
+            self._trunk = shared_layers(self.gpt, key[0], self.student_gpt_params(), key[1])
+        return self._trunk
 
     def train_batch(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> BatchResult:
         """Steps 1-4 of Algorithm 1 for one optimizer step: per micro-batch the student forward with LayerDrop,

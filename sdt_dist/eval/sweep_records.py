@@ -14,11 +14,12 @@ several seeds (from an aggregate whose runs are gone): {"config", "seeds", "step
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from sdt_dist.atomic import write_json_atomic
-from sdt_dist.eval.sweep_spec import Arm, SweepSpec, same_run
+from sdt_dist.eval.sweep_spec import Arm, SweepSpec, recorded_identity, run_identity
 
 
 def curve_of(arm: Arm) -> list[list[float]]:
@@ -41,25 +42,46 @@ def write_record(spec: SweepSpec, arm: Arm, report: dict[str, Any]) -> Path | No
     return path
 
 
-def _load(paths: list[Path]) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(paths)]
+_SEED_FILE = re.compile(r"seed-?\d+\.json")  # what f"seed{arm.seed}.json" can name
+_Candidates = list[tuple[dict[str, Any] | None, dict[str, Any]]]  # (recorded_identity, record), path order
 
 
-def find_record(spec: SweepSpec, arm: Arm) -> dict[str, Any] | None:
-    """The record of this arm's config, seed and weights, whichever variant directory holds it."""
-    if spec.records is None or not spec.records.is_dir():
-        return None
-    for rec in _load(list(spec.records.glob(f"*/seed{arm.seed}.json"))):
-        if rec.get("weights", "student") == arm.variant.weights and same_run(rec.get("config"), arm.config):
-            return rec
-    return None
+class RecordIndex:
+    """Every record and group curve under a records directory, each file read and its config converted once
+    (an aggregation looks up every arm, often several times). A lookup compares the arm's config only with
+    the candidates of its seed (and weights); of several matches, the first in sorted path order wins."""
 
+    def __init__(self, records: Path | None) -> None:
+        self._records: dict[tuple[str, str], _Candidates] = {}  # by (file name, weights)
+        self._groups: dict[int, _Candidates] = {}  # by each seed a group curve covers
+        self.files_read = 0
+        if records is None or not records.is_dir():
+            return
+        for path in sorted(p for p in records.glob("*/seed*.json") if _SEED_FILE.fullmatch(p.name)):
+            rec = self._read(path)
+            key = (path.name, rec.get("weights", "student"))
+            self._records.setdefault(key, []).append((recorded_identity(rec.get("config")), rec))
+        for path in sorted(records.glob("*/curve_group.json")):
+            rec = self._read(path)
+            identity = recorded_identity(rec.get("config"))
+            for seed in dict.fromkeys(rec["seeds"]):
+                self._groups.setdefault(seed, []).append((identity, rec))
 
-def find_group_curve(spec: SweepSpec, arm: Arm) -> dict[str, Any] | None:
-    """A group curve of this arm's config that covers its seed."""
-    if spec.records is None or not spec.records.is_dir() or arm.variant.train_as is not None:
-        return None
-    for rec in _load(list(spec.records.glob("*/curve_group.json"))):
-        if arm.seed in rec["seeds"] and same_run(rec.get("config"), arm.config):
-            return rec
-    return None
+    def _read(self, path: Path) -> dict[str, Any]:
+        self.files_read += 1
+        return json.loads(path.read_text())
+
+    @staticmethod
+    def _first(candidates: _Candidates, arm: Arm) -> dict[str, Any] | None:
+        mine = run_identity(arm.config) if candidates else None
+        return next((rec for theirs, rec in candidates if theirs is not None and theirs == mine), None)
+
+    def record(self, arm: Arm) -> dict[str, Any] | None:
+        """The record of this arm's config, seed and weights, whichever variant directory holds it."""
+        return self._first(self._records.get((f"seed{arm.seed}.json", arm.variant.weights), []), arm)
+
+    def group_curve(self, arm: Arm) -> dict[str, Any] | None:
+        """A group curve of this arm's config that covers its seed."""
+        if arm.variant.train_as is not None:
+            return None
+        return self._first(self._groups.get(arm.seed, []), arm)

@@ -110,19 +110,29 @@ def load_spec(path: str | Path) -> SweepSpec:
     return spec
 
 
-def same_run(recorded: dict[str, Any] | None, cfg: Config) -> bool:
-    """The recorded config trains what `cfg` trains, but for where it ran (a run moved to the variant that
-    names it now, e.g. the sweep arm chosen as the new default recipe) and keys added since (read with their
-    legacy value or default, as a resumed checkpoint would)."""
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """What `cfg` trains: its dict but for where it runs (a run moved to the variant that names it now, e.g.
+    the sweep arm chosen as the new default recipe, is the same run)."""
+    out = cfg.to_dict()
+    out["train"].pop("out_dir")
+    return out
+
+
+def recorded_identity(recorded: dict[str, Any] | None) -> dict[str, Any] | None:
+    """run_identity of a recorded config dict, keys added since read with their legacy value or default (as a
+    resumed checkpoint would); None when there is none or it is not comparable."""
     if recorded is None:
-        return False
+        return None
     try:
-        theirs = config_from_dict(json.loads(json.dumps(recorded))).to_dict()
+        return run_identity(config_from_dict(json.loads(json.dumps(recorded))))
     except ConfigError:  # a key that no longer exists: not comparable
-        return False
-    mine = cfg.to_dict()
-    mine["train"].pop("out_dir"), theirs["train"].pop("out_dir")
-    return theirs == mine
+        return None
+
+
+def same_run(recorded: dict[str, Any] | None, cfg: Config) -> bool:
+    """The recorded config trains what `cfg` trains (recorded_identity, run_identity)."""
+    theirs = recorded_identity(recorded)
+    return theirs is not None and theirs == run_identity(cfg)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from sdt_dist.atomic import write_json_atomic, write_text_atomic
 from sdt_dist.config import ConfigError, load_config
-from sdt_dist.eval.sweep_records import curve_of, find_group_curve, find_record, write_record
+from sdt_dist.eval.sweep_records import RecordIndex, curve_of, write_record
 from sdt_dist.eval.sweep_spec import Arm, SweepSpec, arms
 
 
@@ -41,30 +41,54 @@ def _cell(values: list[float]) -> str:
     return f"{mean:{fmt}}" if std is None else f"{mean:{fmt}} ± {std:{fmt}}"
 
 
-def arm_results(spec: SweepSpec, name: str) -> list[tuple[Arm, dict[str, Any] | None, list[list[float]]]]:
-    """Per seed of variant `name`: the arm, its eval report and its learning curve, from its run directory or
-    else from its record (sweep_records.py)."""
+def _row_variants(spec: SweepSpec) -> list[str]:
+    # each variant once, however many tables show it: its results are read once
+    return list(dict.fromkeys(name for table in spec.tables for name in table.rows))
+
+
+def _variant_arms(spec: SweepSpec, name: str) -> list[Arm]:
+    # without the training arm a train_as variant brings along
+    return [arm for arm in arms(spec, [name]) if arm.variant.name == name]
+
+
+def arm_reports(spec: SweepSpec, name: str, index: RecordIndex) -> list[tuple[Arm, dict[str, Any] | None]]:
+    """Per seed of variant `name`: the arm and its eval report, from its run directory or else from its
+    record (sweep_records.py)."""
     out = []
-    for arm in arms(spec, [name]):
-        if arm.variant.name != name:  # the training arm a train_as variant brings along
-            continue
-        report = json.loads(arm.eval_json.read_text()) if arm.eval_json.is_file() else None
-        curve = curve_of(arm)
-        if report is None or (not curve and arm.variant.train_as is None):
-            rec = find_record(spec, arm)
-            if rec is not None:
-                report, curve = report or rec["eval"], curve or rec["curve"]
-        out.append((arm, report, curve))
+    for arm in _variant_arms(spec, name):
+        if arm.eval_json.is_file():
+            report = json.loads(arm.eval_json.read_text())
+        else:
+            rec = index.record(arm)
+            report = None if rec is None else rec["eval"]
+        out.append((arm, report))
     return out
 
 
-def aggregate(spec: SweepSpec) -> dict[str, Any]:
-    """Per table and variant: each column's values over the evaluated seeds, mean and std."""
+def arm_curves(spec: SweepSpec, name: str, index: RecordIndex) -> list[tuple[Arm, list[list[float]]]]:
+    """Per seed of variant `name`: the arm and its learning curve, from its run's metrics.jsonl or else from
+    its record."""
+    out = []
+    for arm in _variant_arms(spec, name):
+        curve = curve_of(arm)
+        if not curve and arm.variant.train_as is None:
+            rec = index.record(arm)
+            curve = [] if rec is None else rec["curve"]
+        out.append((arm, curve))
+    return out
+
+
+def aggregate(spec: SweepSpec, index: RecordIndex | None = None) -> dict[str, Any]:
+    """Per table and variant: each column's values over the evaluated seeds, mean and std (index: the
+    spec's records, read here when not given)."""
+    index = RecordIndex(spec.records) if index is None else index
+    reports_of = {name: [(arm.seed, r) for arm, r in arm_reports(spec, name, index) if r is not None]
+                  for name in _row_variants(spec)}
     result: dict[str, Any] = {"sweep": str(spec.path), "seeds": spec.seeds, "tables": {}}
     for table in spec.tables:
         rows = {}
         for name in table.rows:
-            reports = [(arm.seed, r) for arm, r, _ in arm_results(spec, name) if r is not None]
+            reports = reports_of[name]
             cols = {}
             for col in table.columns:
                 values = [v for _, r in reports if (v := metric(r, col["metric"])) is not None]
@@ -118,7 +142,7 @@ def pruning_plots(spec: SweepSpec, agg: dict[str, Any]) -> list[Path]:
     return paths
 
 
-def _curve_stats(spec: SweepSpec, name: str) -> dict[int, list[float]]:
+def _curve_stats(spec: SweepSpec, name: str, index: RecordIndex) -> dict[int, list[float]]:
     """Per evaluation step: [seeds, sum, sum of squares] of the validation perplexity over the variant's
     seeds; a group curve (mean and std only) counts for its seeds when none of them has its own curve."""
     stats: dict[int, list[float]] = {}
@@ -128,14 +152,14 @@ def _curve_stats(spec: SweepSpec, name: str) -> dict[int, list[float]]:
         acc[0], acc[1], acc[2] = acc[0] + n, acc[1] + total, acc[2] + squares
 
     without = []
-    for arm, _, curve in arm_results(spec, name):
+    for arm, curve in arm_curves(spec, name, index):
         for step, ppl in curve:
             add(step, 1, ppl, ppl * ppl)
         if not curve:
             without.append(arm)
     used: list[list[int]] = []
     for arm in without:
-        group = find_group_curve(spec, arm)
+        group = index.group_curve(arm)
         if group is None or group["seeds"] in used or not set(group["seeds"]) <= {a.seed for a in without}:
             continue
         used.append(group["seeds"])
@@ -145,10 +169,14 @@ def _curve_stats(spec: SweepSpec, name: str) -> dict[int, list[float]]:
     return stats
 
 
-def learning_curves(spec: SweepSpec) -> dict[str, dict[str, Any]]:
+def learning_curves(spec: SweepSpec, index: RecordIndex | None = None) -> dict[str, dict[str, Any]]:
     """Per table and trained row: held-out perplexity at the runs' evaluation steps against training tokens,
     mean and std over the seeds that logged that step (rows evaluating another arm's weights are left out:
-    their runs log the student's perplexity, not theirs)."""
+    their runs log the student's perplexity, not theirs). index: the spec's records, read here when not
+    given."""
+    index = RecordIndex(spec.records) if index is None else index
+    stats_of = {name: _curve_stats(spec, name, index) for name in _row_variants(spec)
+                if spec.variants[name].train_as is None}
     cfg = load_config(spec.base, spec.overrides)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
     out: dict[str, dict[str, Any]] = {}
@@ -157,7 +185,7 @@ def learning_curves(spec: SweepSpec) -> dict[str, dict[str, Any]]:
         for name in table.rows:
             if spec.variants[name].train_as is not None:
                 continue
-            stats = _curve_stats(spec, name)
+            stats = stats_of[name]
             if not stats:
                 continue
             steps = sorted(stats)
@@ -217,8 +245,9 @@ def write_outputs(spec: SweepSpec) -> list[Path]:
     """tables.json, tables.md, pruning plots and learning curves under out_dir (every table; missing arms
     show as —)."""
     keep_records(spec)
-    agg = aggregate(spec)
-    agg["learning_curves"] = learning_curves(spec)
+    index = RecordIndex(spec.records)  # after keep_records: it reads what that wrote
+    agg = aggregate(spec, index)
+    agg["learning_curves"] = learning_curves(spec, index)
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(spec.out_dir / "tables.json", agg)
     write_text_atomic(spec.out_dir / "tables.md", markdown_tables(spec, agg))

@@ -289,3 +289,42 @@ def test_a_recorded_config_from_before_a_new_key_is_the_same_run(tmp_path):
     del old["distill"]["align_reduce"]  # predates align_reduce: it summed, today's default is mean
     assert not same_run(old, arm.config)
     assert not same_run({**arm.config.to_dict(), "bogus": {}}, arm.config)
+
+
+def test_aggregate_reads_no_learning_curves(tmp_path):
+    """The tables come from eval.json alone: a run's unreadable metrics.jsonl breaks its learning curve, not
+    the tables."""
+    from sdt_dist.eval.sweep_tables import learning_curves
+
+    spec = load_spec(write_sweep(tmp_path))
+    run(spec, arms(spec), FakeSteps().train, FakeSteps().evaluate, log=lambda _: None)
+    for seed in (1, 2):
+        (spec.out_dir / "sdt" / f"seed{seed}" / "metrics.jsonl").write_text("not json\n")
+    assert aggregate(spec)["tables"]["t1"]["rows"]["sdt"]["columns"]["ppl"]["values"] == [111.0, 112.0]
+    with pytest.raises(json.JSONDecodeError):
+        learning_curves(spec)
+
+
+def test_record_index_reads_each_file_once_and_the_first_match_in_path_order_wins(tmp_path):
+    from sdt_dist.eval.sweep_records import RecordIndex
+
+    spec = load_spec(write_sweep(tmp_path, records=str(tmp_path / "records")))
+    sdt1, sdt2 = arms(spec, ["sdt"])
+
+    def put(variant: str, arm, ppl: float, weights: str = "student") -> None:
+        path = spec.records / variant / f"seed{arm.seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"variant": variant, "seed": arm.seed, "weights": weights,
+                                    "config": arm.config.to_dict(), "eval": {"ppl": ppl}, "curve": []}))
+
+    put("b_renamed", sdt1, 1.0)
+    put("a_renamed", sdt1, 2.0)
+    put("a_renamed", sdt2, 3.0, weights="teacher")
+    put("c_renamed", sdt2, 4.0)
+    index = RecordIndex(spec.records)
+    for _ in range(3):
+        assert index.record(sdt1)["eval"]["ppl"] == 2.0  # a_renamed sorts before b_renamed
+        assert index.record(sdt2)["eval"]["ppl"] == 4.0  # the teacher-weights record is another arm's
+    (baseline1,) = arms(spec, ["baseline"], [1])
+    assert index.record(baseline1) is None  # same seed and weights, another config
+    assert index.files_read == 4

@@ -12,9 +12,12 @@ after the first `--warmup`. Arms:
     T^2 KL term and a `torch._foreach_lerp_` EMA.
   ours: the real `SDTrainModule` + `train_step` on one rank (DeepSpeed engine, ZeRO-0, fp32, dropout 0):
     plain (the GPT-baseline arm: no KD, no alignment, no freezing, no LayerDrop), SD without freezing or
-    LayerDrop, and one arm per stage of the freezing schedule (with its LayerDrop), each run at the step
-    indices of its stage of a nominal `--run-steps` run, so that kappa(t), tau, the frozen count and the
-    LayerDrop draws are the schedule's. The schedule-averaged ratio weights the stages by their length.
+    LayerDrop, the same without alignment (what the predictors and cosine terms cost), and one arm per
+    stage of the freezing schedule (with its LayerDrop), each run at the step indices of its stage of a
+    nominal `--run-steps` run, so that kappa(t), tau, the frozen count and the LayerDrop draws are the
+    schedule's. The schedule-averaged ratio weights the stages by their length.
+Each of ours is also given as FLOPs over ours plain (`sdt_dist/eval/compute.py`, over the steps it ran): the
+ratio the arithmetic sets, that no implementation beats without computing less.
 The EMA share is the teacher update timed on its own (same rounds) over the SD step. Peak memory (plain
 vs SD without freezing) is measured in a fresh process per arm: the accelerator's peak allocation, or on
 CPU the peak resident set size (VmHWM, reset just before the measured step) above the resident size
@@ -63,6 +66,7 @@ SCHEDULE = ["distill.freeze_milestones=[0.1, 0.2, 0.3]", "distill.freeze_fractio
             "distill.layerdrop_p=0.1"]
 NO_FREEZE = ["distill.freeze_milestones=[]", "distill.freeze_fractions=[]", "distill.layerdrop_p=0"]
 SD, EMA = "ours SD, no freezing, no LayerDrop", "EMA update alone (SD arm)"
+KD_ONLY = "ours SD without alignment (EMA teacher + KD), no freezing, no LayerDrop"
 
 
 def make_cfg(args: argparse.Namespace, *extra: str) -> Config:
@@ -133,9 +137,20 @@ def our_arm(cfg: Config, window: tuple[int, int] | None, frozen: int = 0):
     span = max(1, hi - lo - 1)
 
     def step(batch: dict[str, torch.Tensor], i: int) -> None:
-        train_step(tm, [batch], lo + (i * 7) % span)  # stride 7: spread over the window in few steps
+        s = lo + (i * 7) % span  # stride 7: spread over the window in few steps
+        res = train_step(tm, [batch], s)
+        step.ran.append((s, res.frozen_layers, res.shared_trunk))
 
+    step.ran = []  # (step, frozen, shared trunk) of every call, for the FLOP count
     return tm, step
+
+
+def flops_per_step(cfg: Config, ran: list[tuple[int, int, int]]) -> float:
+    """Mean training FLOPs (`eval/compute.py`: matmuls, predictors included) of the steps an arm ran."""
+    from sdt_dist.eval.compute import layer_params, step_flops
+
+    per_layer = layer_params(cfg.model)
+    return statistics.mean(step_flops(cfg, per_layer, 1, s, k, shared) for s, k, shared in ran)
 
 
 def stages(cfg: Config) -> list[tuple[int, int, int]]:
@@ -316,9 +331,12 @@ def main() -> None:
     arms: dict[str, Callable] = {}
     if core:
         arms.update({"peer plain": peer_arm(sd_cfg, False), "peer naive SD": peer_arm(sd_cfg, True)})
-    _, arms["ours plain"] = our_arm(make_cfg(args, *PLAIN), None)
+    cfgs = {"ours plain": make_cfg(args, *PLAIN)}
+    _, arms["ours plain"] = our_arm(cfgs["ours plain"], None)
     if core:
-        sd_tm, arms[SD] = our_arm(make_cfg(args, *NO_FREEZE), None)
+        cfgs[SD], cfgs[KD_ONLY] = make_cfg(args, *NO_FREEZE), make_cfg(args, *NO_FREEZE, "distill.lambda_sd=0")
+        sd_tm, arms[SD] = our_arm(cfgs[SD], None)
+        _, arms[KD_ONLY] = our_arm(cfgs[KD_ONLY], None)
         tau = sd_cfg.distill.ema_tau
 
         def ema(_batch: dict[str, torch.Tensor], _i: int) -> None:
@@ -330,6 +348,7 @@ def main() -> None:
     for lo, hi, k in plan:
         name = f"ours SD, steps {lo}-{hi - 1}: {k} frozen, LayerDrop {sd_cfg.distill.layerdrop_p:g}"
         _, arms[name] = our_arm(sd_cfg, (lo, hi), k)
+        cfgs[name] = sd_cfg
         stage_names.append(name)
     batches = [random_batch(sd_cfg, 1000 + r) for r in range(args.steps)]
     med, cpu = interleaved(arms, batches, args.warmup)
@@ -340,18 +359,24 @@ def main() -> None:
           f"{args.threads} threads; median of rounds {args.warmup + 1}-{args.steps}, all arms interleaved in one "
           f"process; schedule laid on a {args.run_steps}-step run")
     ref = "peer plain" if core else "ours plain"
-    print(f"| arm | wall ms/step | vs {ref} | vs ours plain | CPU ms/step | vs {ref} | vs ours plain |\n"
-          "|---|---|---|---|---|---|---|")
+    # the arithmetic floor of each ratio: FLOPs of the steps the arm ran over ours plain's
+    flops = {name: flops_per_step(cfg, arms[name].ran[args.warmup:]) for name, cfg in cfgs.items()}
+    print(f"| arm | wall ms/step | vs {ref} | vs ours plain | CPU ms/step | vs {ref} | vs ours plain | "
+          "FLOPs vs ours plain |\n|---|---|---|---|---|---|---|---|")
     for name in arms:
         if name != EMA:
             w, c = med[name], cpu[name]
+            f = f"{flops[name] / flops['ours plain']:.2f}" if name in flops else ""
             print(f"| {name} | {w * 1e3:,.0f} | {w / med[ref]:.2f} | {w / med['ours plain']:.2f} | "
-                  f"{c * 1e3:,.0f} | {c / cpu[ref]:.2f} | {c / cpu['ours plain']:.2f} |")
+                  f"{c * 1e3:,.0f} | {c / cpu[ref]:.2f} | {c / cpu['ours plain']:.2f} | {f} |")
     weights = [(hi - lo) / sd_cfg.train.max_steps for lo, hi, _ in plan]
     for label, t in (("wall", med), ("CPU", cpu)) if staged else ():
         averaged = sum(w * t[n] for w, n in zip(weights, stage_names))
         print(f"schedule-averaged SD step ({label}): {averaged * 1e3:,.0f} ms = {averaged / t['ours plain']:.2f}x "
               f"ours plain (stages weighted {', '.join(f'{w:.2f}' for w in weights)})")
+    if staged:
+        averaged = sum(w * flops[n] for w, n in zip(weights, stage_names))
+        print(f"schedule-averaged SD step (FLOPs): {averaged / flops['ours plain']:.2f}x ours plain")
     if core:
         print(f"EMA update: {med[EMA] * 1e3:.2f} ms wall = {100 * med[EMA] / med[SD]:.2f}% of the SD step (no "
               f"freezing); CPU {100 * cpu[EMA] / cpu[SD]:.2f}%")

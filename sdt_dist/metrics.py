@@ -10,6 +10,29 @@ from pathlib import Path
 from typing import Any
 
 
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """The logged records of a run directory (or a metrics.jsonl file), one per step, sorted by step; [] when
+    there is none. A resumed run logs the steps after its checkpoint again: the last record of a step wins (the
+    final trajectory is the resumed one). A last line cut by a crash mid-write is skipped."""
+    path = Path(run)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue
+            raise ValueError(f"{path}:{n}: not a JSON object") from None
+        by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, wandb_project: str | None = None,
                  config: dict[str, Any] | None = None) -> None:

@@ -8,10 +8,11 @@ record of each step is the one plotted.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+from sdt_dist.metrics import read_metrics
 
 # (metrics.jsonl key, panel title, logarithmic y axis when the values span more than 10x)
 PANELS = [("loss", "total loss", False), ("loss_lm", "LM loss", False), ("loss_kd", "KD loss", False),
@@ -20,25 +21,12 @@ PANELS = [("loss", "total loss", False), ("loss_lm", "LM loss", False), ("loss_k
           ("frozen_layers", "frozen layers", False)]
 
 
-def read_metrics(run: str | Path) -> dict[int, dict]:
+def load_run(run: str | Path) -> dict[int, dict]:
     """{step: last record of that step} from a run directory or a metrics.jsonl file."""
-    path = Path(run)
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"{run}: no metrics.jsonl (give a run directory, e.g. runs/tiny)")
-    records: dict[int, dict] = {}
-    lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):  # a line cut by a crash mid-write
-                continue
-            raise ValueError(f"{path}:{n}: not a JSON object") from None
-        records[int(record["step"])] = record
-    return records
+    records = read_metrics(run)
+    if not records:
+        raise FileNotFoundError(f"{run}: no metrics.jsonl records (give a run directory, e.g. runs/tiny)")
+    return {int(r["step"]): r for r in records}
 
 
 def _series(records: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
@@ -54,7 +42,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
-    data = {str(r): read_metrics(r) for r in runs}
+    data = {str(r): load_run(r) for r in runs}
     fig, axes = plt.subplots(2, 4, figsize=(18, 8), sharex=True)
     for ax, (key, title, log_y) in zip(axes.flat, PANELS):
         shown: list[float] = []

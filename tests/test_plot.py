@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from sdt_dist.plot import main, read_metrics
+from sdt_dist.plot import load_run, main
 
 
 def _write_run(run, scale: float, resumed_from: int | None = None) -> None:
@@ -24,7 +24,7 @@ def test_plots_several_runs_into_one_png(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     _write_run(a, 1.0)
     _write_run(b, 2.0, resumed_from=15)
-    assert read_metrics(b)[20]["loss"] == -1.0 and read_metrics(b)[15]["loss"] == 2.0 * 8 / 15
+    assert load_run(b)[20]["loss"] == -1.0 and load_run(b)[15]["loss"] == 2.0 * 8 / 15
     out = tmp_path / "cmp.png"
     main([str(a), str(b), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000

@@ -23,7 +23,6 @@ the totals are exact for the run's schedule; the logged `frozen_layers` are chec
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from sdt_dist.distill.layerdrop import layer_probs
 from sdt_dist.distill.schedules import aligned_layers_at, frozen_layers_at
 from sdt_dist.distill.shared_trunk import scheduled_shared_layers
 from sdt_dist.distill.step_plan import StepPlan
+from sdt_dist.metrics import read_metrics
 from sdt_dist.model import GPTModel
 
 FLOPS_FORMULA = (
@@ -123,20 +123,6 @@ def schedule_flops(cfg: Config, per_layer_params: int, world_size: int, steps: i
     return {"train_flops": total, "train_flops_without_freezing": no_freeze,
             "train_flops_plain_gpt": plain, "freezing_compute_ratio": total / no_freeze if no_freeze else 1.0,
             "frozen_timeline": timeline}
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Logged records of a run, one per step (the last one: a resumed run re-logs the steps after its
-    checkpoint, and the final trajectory is the resumed one), sorted by step."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def logged_time(records: list[dict[str, Any]]) -> float:

@@ -20,13 +20,12 @@ from typing import Any
 
 from sdt_dist.atomic import write_json_atomic
 from sdt_dist.eval.sweep_spec import Arm, SweepSpec, recorded_identity, run_identity
+from sdt_dist.metrics import read_metrics
 
 
 def curve_of(arm: Arm) -> list[list[float]]:
     """[step, validation perplexity] at the run's evaluation steps; empty for an arm that evaluates another
     arm's weights (its run logs the student's perplexity, not its own)."""
-    from sdt_dist.eval.compute import read_metrics
-
     if arm.variant.train_as is not None:
         return []
     return [[r["step"], r["val_ppl"]] for r in read_metrics(arm.train_dir) if r.get("val_ppl") is not None]

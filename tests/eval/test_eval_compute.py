@@ -10,10 +10,10 @@ from sdt_dist.eval.compute import (
     flops_per_token,
     logged_time,
     parameter_counts,
-    read_metrics,
     run_compute,
     schedule_flops,
 )
+from sdt_dist.metrics import read_metrics
 from tests.helpers import make_cfg, tiny_model
 
 NO_DISTILL = ["distill.lambda_kd=0", "distill.lambda_sd=0", "distill.layerdrop_p=0",
@@ -83,8 +83,11 @@ def test_metrics_dedup_and_time(tmp_path):
             # resumed from step 5: step 10 logged again, then 15
             {"step": 10, "step_time_s": 3.0, "frozen_layers": 0}, {"step": 15, "step_time_s": 4.0, "frozen_layers": 0}]
     _write_metrics(tmp_path, recs)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "step_ti')  # a line cut by a crash mid-write
     got = read_metrics(tmp_path)
     assert [r["step"] for r in got] == [5, 10, 15] and got[1]["step_time_s"] == 3.0
+    assert read_metrics(tmp_path / "none") == []
     assert logged_time(got) == 5 * 1.0 + 5 * 3.0 + 5 * 4.0
 
 

@@ -299,9 +299,9 @@ def test_aggregate_reads_no_learning_curves(tmp_path):
     spec = load_spec(write_sweep(tmp_path))
     run(spec, arms(spec), FakeSteps().train, FakeSteps().evaluate, log=lambda _: None)
     for seed in (1, 2):
-        (spec.out_dir / "sdt" / f"seed{seed}" / "metrics.jsonl").write_text("not json\n")
+        (spec.out_dir / "sdt" / f"seed{seed}" / "metrics.jsonl").write_text('not json\n{"step": 1}\n')
     assert aggregate(spec)["tables"]["t1"]["rows"]["sdt"]["columns"]["ppl"]["values"] == [111.0, 112.0]
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ValueError, match="not a JSON object"):
         learning_curves(spec)
 
 

@@ -45,13 +45,16 @@ def _tp_size(group: dist.ProcessGroup | None) -> int:
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
             tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Next-token cross-entropy over vocab-parallel logits, averaged over non-padding tokens."""
+    # The model's logits are a [b, s] view of an [s, b, V] tensor: take the tokens in that order rather than
+    # copying the logits into [b, s] order (and their gradient back), as the fused LM+KD pass does.
+    swap = logits.dim() == 3 and not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous()
+    z, y = (logits.transpose(0, 1), labels.transpose(0, 1)) if swap else (logits, labels)
     if _tp_size(tp_group) == 1:
-        per_token = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), reduction="none"
-        ).view_as(labels)
+        per_token = torch.nn.functional.cross_entropy(z.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     else:
-        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float().contiguous(), labels)
-    return _masked_mean(per_token, loss_mask)
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(z.float().contiguous(), y)
+    # per-token values are the same either way; the mean sums them in [b, s] order as always
+    return _masked_mean(per_token.transpose(0, 1).contiguous() if swap else per_token, loss_mask)
 
 
 def _tp_log_softmax(z: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torch.Tensor:

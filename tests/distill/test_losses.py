@@ -43,6 +43,20 @@ def test_lm_loss_ignores_padding():
     torch.testing.assert_close(lm_loss(logits, labels, mask), ref)
 
 
+def test_lm_loss_on_the_models_transposed_logits_is_bitwise_the_contiguous_ones():
+    # the model's [b, s, V] logits are a view of an [s, b, V] tensor; the loss walks them in that order
+    torch.manual_seed(0)
+    s, b, v = 6, 3, 11
+    base = torch.randn(s, b, v, requires_grad=True)
+    labels, mask = torch.randint(0, v, (b, s)), torch.ones(b, s)
+    mask[0, -2:] = 0.0
+    copy = base.detach().transpose(0, 1).contiguous().requires_grad_(True)
+    view, contiguous = lm_loss(base.transpose(0, 1), labels, mask), lm_loss(copy, labels, mask)
+    (view + contiguous).backward()
+    assert torch.equal(view, contiguous)
+    assert torch.equal(base.grad.transpose(0, 1), copy.grad)
+
+
 def test_align_loss_closed_form_and_stop_gradient():
     s, b, d = 4, 2, 6
     pred = torch.randn(s, b, d, requires_grad=True)

@@ -224,7 +224,9 @@ def measure_memory(args: argparse.Namespace) -> None:
 def memory(args: argparse.Namespace, arm: str) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--shape", args.shape, "--threads", str(args.threads),
            "--run-steps", str(args.run_steps), "--memory-arm", arm] + [f"--set={s}" for s in args.set]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # a rank of its own: this process's rendezvous (its MASTER_PORT among them) would collide with the child's
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous} | {"PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

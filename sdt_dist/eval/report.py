@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ def pruning_plot(curves: dict[str, tuple[list[int], list[float], list[float] | N
     for label, (ks, values, errors) in curves.items():
         ax.errorbar(ks, values, yerr=errors, marker="o", capsize=3, label=label)
     ax.set(xlabel=f"layers removed (of {num_layers}, evenly spaced kept)", ylabel="perplexity increase (%)",
-           title=title)
+           title=textwrap.fill(title, 62))  # long titles wrap, not clip
+    ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ def learning_curve_plots(spec: SweepSpec, curves: dict[str, dict[str, Any]]) -> 
             ax.errorbar(row["tokens"], row["ppl_mean"], yerr=row["ppl_std"], marker="o", ms=3, capsize=2,
                         label=row["label"])
         ax.set(xlabel="training tokens", ylabel="held-out perplexity (validation split)", yscale="log",
-               title=f"{table.title}: learning curves")
+               title=textwrap.fill(f"{table.title}: learning curves", 90))  # long titles wrap, not clip
         ax.title.set_fontsize(8)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from sdt_dist.distill.losses import sequence_major
+
 # elements of a [chunk tokens, vocab] fp32 temporary (8 MiB): bounded memory, and faster than whole-tensor
 # passes on a CPU (measured: chunks of 2^21 elements took about half the CPU time of the separate losses,
 # 2^23 more than them, at V = 8k and 32k)
@@ -33,9 +35,7 @@ class _LmKd(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                 loss_mask: torch.Tensor, temperature: float, tp_group: dist.ProcessGroup | None,
                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # The model's logits are a [b, s] view of an [s, b, V] tensor: walk the tokens in that order rather
-        # than copying the whole tensor into [b, s] order.
-        ctx.swap = logits.dim() == 3 and not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous()
+        ctx.swap = sequence_major(logits)
         if ctx.swap:
             logits, teacher_logits, labels, loss_mask = (t.transpose(0, 1) for t in (logits, teacher_logits, labels,
                                                                                      loss_mask))

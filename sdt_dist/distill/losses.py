@@ -42,12 +42,16 @@ def _tp_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def sequence_major(logits: torch.Tensor) -> bool:
+    """Whether [b, s, V] logits are a view of an [s, b, V] tensor (the model's, `model/gpt.py`): a loss then
+    takes the tokens in that order rather than copying the logits into [b, s] order (and their gradient back)."""
+    return logits.dim() == 3 and not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous()
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
             tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Next-token cross-entropy over vocab-parallel logits, averaged over non-padding tokens."""
-    # The model's logits are a [b, s] view of an [s, b, V] tensor: take the tokens in that order rather than
-    # copying the logits into [b, s] order (and their gradient back), as the fused LM+KD pass does.
-    swap = logits.dim() == 3 and not logits.is_contiguous() and logits.transpose(0, 1).is_contiguous()
+    swap = sequence_major(logits)
     z, y = (logits.transpose(0, 1), labels.transpose(0, 1)) if swap else (logits, labels)
     if _tp_size(tp_group) == 1:
         per_token = torch.nn.functional.cross_entropy(z.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)

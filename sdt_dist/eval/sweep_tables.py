@@ -47,16 +47,20 @@ def _row_variants(spec: SweepSpec) -> list[str]:
     return list(dict.fromkeys(name for table in spec.tables for name in table.rows))
 
 
-def _variant_arms(spec: SweepSpec, name: str) -> list[Arm]:
-    # without the training arm a train_as variant brings along
-    return [arm for arm in arms(spec, [name]) if arm.variant.name == name]
+def arms_by_variant(spec: SweepSpec) -> dict[str, list[Arm]]:
+    """Each variant's own arms (without the training arm a train_as variant brings along), from one `arms` call:
+    every arm's config is loaded once per aggregation."""
+    out: dict[str, list[Arm]] = {name: [] for name in spec.variants}
+    for arm in arms(spec):
+        out[arm.variant.name].append(arm)
+    return out
 
 
-def arm_reports(spec: SweepSpec, name: str, index: RecordIndex) -> list[tuple[Arm, dict[str, Any] | None]]:
-    """Per seed of variant `name`: the arm and its eval report, from its run directory or else from its
-    record (sweep_records.py)."""
+def arm_reports(variant_arms: list[Arm], index: RecordIndex) -> list[tuple[Arm, dict[str, Any] | None]]:
+    """Per seed of a variant: the arm and its eval report, from its run directory or else from its record
+    (sweep_records.py)."""
     out = []
-    for arm in _variant_arms(spec, name):
+    for arm in variant_arms:
         if arm.eval_json.is_file():
             report = json.loads(arm.eval_json.read_text())
         else:
@@ -66,11 +70,11 @@ def arm_reports(spec: SweepSpec, name: str, index: RecordIndex) -> list[tuple[Ar
     return out
 
 
-def arm_curves(spec: SweepSpec, name: str, index: RecordIndex) -> list[tuple[Arm, list[list[float]]]]:
-    """Per seed of variant `name`: the arm and its learning curve, from its run's metrics.jsonl or else from
-    its record."""
+def arm_curves(variant_arms: list[Arm], index: RecordIndex) -> list[tuple[Arm, list[list[float]]]]:
+    """Per seed of a variant: the arm and its learning curve, from its run's metrics.jsonl or else from its
+    record."""
     out = []
-    for arm in _variant_arms(spec, name):
+    for arm in variant_arms:
         curve = curve_of(arm)
         if not curve and arm.variant.train_as is None:
             rec = index.record(arm)
@@ -79,11 +83,13 @@ def arm_curves(spec: SweepSpec, name: str, index: RecordIndex) -> list[tuple[Arm
     return out
 
 
-def aggregate(spec: SweepSpec, index: RecordIndex | None = None) -> dict[str, Any]:
+def aggregate(spec: SweepSpec, index: RecordIndex | None = None,
+              by_variant: dict[str, list[Arm]] | None = None) -> dict[str, Any]:
     """Per table and variant: each column's values over the evaluated seeds, mean and std (index: the
-    spec's records, read here when not given)."""
+    spec's records, by_variant: `arms_by_variant(spec)`, each worked out here when not given)."""
     index = RecordIndex(spec.records) if index is None else index
-    reports_of = {name: [(arm.seed, r) for arm, r in arm_reports(spec, name, index) if r is not None]
+    by_variant = arms_by_variant(spec) if by_variant is None else by_variant
+    reports_of = {name: [(arm.seed, r) for arm, r in arm_reports(by_variant[name], index) if r is not None]
                   for name in _row_variants(spec)}
     result: dict[str, Any] = {"sweep": str(spec.path), "seeds": spec.seeds, "tables": {}}
     for table in spec.tables:
@@ -143,7 +149,7 @@ def pruning_plots(spec: SweepSpec, agg: dict[str, Any]) -> list[Path]:
     return paths
 
 
-def _curve_stats(spec: SweepSpec, name: str, index: RecordIndex) -> dict[int, list[float]]:
+def _curve_stats(variant_arms: list[Arm], index: RecordIndex) -> dict[int, list[float]]:
     """Per evaluation step: [seeds, sum, sum of squares] of the validation perplexity over the variant's
     seeds; a group curve (mean and std only) counts for its seeds when none of them has its own curve."""
     stats: dict[int, list[float]] = {}
@@ -153,7 +159,7 @@ def _curve_stats(spec: SweepSpec, name: str, index: RecordIndex) -> dict[int, li
         acc[0], acc[1], acc[2] = acc[0] + n, acc[1] + total, acc[2] + squares
 
     without = []
-    for arm, curve in arm_curves(spec, name, index):
+    for arm, curve in arm_curves(variant_arms, index):
         for step, ppl in curve:
             add(step, 1, ppl, ppl * ppl)
         if not curve:
@@ -170,13 +176,14 @@ def _curve_stats(spec: SweepSpec, name: str, index: RecordIndex) -> dict[int, li
     return stats
 
 
-def learning_curves(spec: SweepSpec, index: RecordIndex | None = None) -> dict[str, dict[str, Any]]:
+def learning_curves(spec: SweepSpec, index: RecordIndex | None = None,
+                    by_variant: dict[str, list[Arm]] | None = None) -> dict[str, dict[str, Any]]:
     """Per table and trained row: held-out perplexity at the runs' evaluation steps against training tokens,
     mean and std over the seeds that logged that step (rows evaluating another arm's weights are left out:
-    their runs log the student's perplexity, not theirs). index: the spec's records, read here when not
-    given."""
+    their runs log the student's perplexity, not theirs). index and by_variant as for `aggregate`."""
     index = RecordIndex(spec.records) if index is None else index
-    stats_of = {name: _curve_stats(spec, name, index) for name in _row_variants(spec)
+    by_variant = arms_by_variant(spec) if by_variant is None else by_variant
+    stats_of = {name: _curve_stats(by_variant[name], index) for name in _row_variants(spec)
                 if spec.variants[name].train_as is None}
     cfg = load_config(spec.base, spec.overrides)
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
@@ -228,12 +235,12 @@ def learning_curve_plots(spec: SweepSpec, curves: dict[str, dict[str, Any]]) -> 
     return paths
 
 
-def keep_records(spec: SweepSpec) -> list[Path]:
+def keep_records(spec: SweepSpec, all_arms: list[Arm]) -> list[Path]:
     """Write (or refresh) the record of every arm evaluated in the run directories (sweep_records.py)."""
     if spec.records is None:
         return []
     paths = []
-    for arm in arms(spec):
+    for arm in all_arms:
         try:
             if arm.trained() and arm.evaluated(spec.eval):
                 paths.append(write_record(spec, arm, json.loads(arm.eval_json.read_text())))
@@ -245,10 +252,11 @@ def keep_records(spec: SweepSpec) -> list[Path]:
 def write_outputs(spec: SweepSpec) -> list[Path]:
     """tables.json, tables.md, pruning plots and learning curves under out_dir (every table; missing arms
     show as —)."""
-    keep_records(spec)
+    by_variant = arms_by_variant(spec)
+    keep_records(spec, [arm for variant_arms in by_variant.values() for arm in variant_arms])
     index = RecordIndex(spec.records)  # after keep_records: it reads what that wrote
-    agg = aggregate(spec, index)
-    agg["learning_curves"] = learning_curves(spec, index)
+    agg = aggregate(spec, index, by_variant)
+    agg["learning_curves"] = learning_curves(spec, index, by_variant)
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(spec.out_dir / "tables.json", agg)
     write_text_atomic(spec.out_dir / "tables.md", markdown_tables(spec, agg))

@@ -61,7 +61,7 @@ class BatchResult:
 class SDTrainModule:
     def __init__(self, cfg: Config, dims: ParallelDims) -> None:
         self.cfg, self.dims = cfg, dims
-        self._trunk_key: tuple[int, frozenset[int]] | None = None  # what `_trunk` was worked out for
+        self._trunk_key: tuple[int, int] | None = None  # what `_trunk` was worked out for
         self._trunk = 0
         m, d = cfg.model, cfg.distill
         if cfg.parallel.sequence_parallel:
@@ -87,6 +87,10 @@ class SDTrainModule:
             mark_sequence_parallel(predictors)
             allreduce_sequence_parallel_grads(gpt, dims.tp_group)
             allreduce_sequence_parallel_grads(predictors, dims.tp_group)
+        if d.lambda_sd == 0:
+            # nothing is ever aligned (kappa is empty): the predictors can get no gradient, so they get no optimizer
+            # state and no update (AdamW's weight decay alone would move them)
+            predictors.requires_grad_(False)
         # built like the student in every layout (its values are the student's, from EmaTeacher), so that the
         # random state after init, and with it dropout, is the same at any PP size
         teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers), m.vocab_size, m.tie_embeddings,
@@ -170,10 +174,10 @@ class SDTrainModule:
 
     def _shared_trunk(self) -> int:
         # changes only at a milestone's copy into the teacher or a checkpoint load: not worked out every step
-        key = (self.no_grad_prefix, self.teacher.copied)
+        key = (self.no_grad_prefix, self.teacher.copied_version)
         if self._trunk_key != key:
             self._trunk_key = key
-            self._trunk = shared_layers(self.gpt, key[0], self.student_gpt_params(), key[1])
+            self._trunk = shared_layers(self.gpt, key[0], self.student_gpt_params(), self.teacher.copied)
         return self._trunk
 
     def train_batch(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> BatchResult:

@@ -62,6 +62,7 @@ class EmaTeacher:
         device = next(student.parameters()).device
         self.shard = torch.zeros(sum(self.parts), dtype=torch.float32, device=device)
         self._copied: set[int] = set()  # frozen parameters already copied into the shard
+        self.copied_version = 0  # moves whenever `copied` changes: a cheap key for what depends on it
         self.update(list(student.parameters()), tau=0.0)  # initialised equal to the student
         self._release(0, len(self.params))
         self.units = _gather_units(module, self.params)
@@ -107,8 +108,9 @@ class EmaTeacher:
             dst = self._shard_slice(i, src.numel())
             if tau == 0.0 or i in copy_indices:
                 dst.copy_(src)
-                if i in copy_indices:
+                if i in copy_indices and i not in self._copied:
                     self._copied.add(i)
+                    self.copied_version += 1
             else:
                 dst_avg.append(dst)
                 src_avg.append(src if src.dtype == dst.dtype else src.float())
@@ -190,6 +192,7 @@ class EmaTeacher:
                              f"(DP={self.dp_size}); resume with the same parallel layout")
         self.shard.copy_(state["shard"].to(self.shard.device))
         self._copied.clear()
+        self.copied_version += 1
 
     @torch.no_grad()
     def load_full_parameters(self, values: list[torch.Tensor]) -> None:
@@ -203,6 +206,7 @@ class EmaTeacher:
             part = v.detach().reshape(-1)[start:start + self.parts[i]]
             self._shard_slice(i, part.numel()).copy_(part)
         self._copied.clear()
+        self.copied_version += 1
 
     def local_numel(self) -> int:
         return self.shard.numel()

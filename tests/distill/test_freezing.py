@@ -100,3 +100,19 @@ def test_autograd_stops_at_the_frozen_boundary(runs):
     out = tm.gpt(random_batch(cfg, 0)["tokens"], frozen_prefix=2)
     assert not out.hidden[1].requires_grad and not out.hidden[2].requires_grad
     assert out.hidden[3].requires_grad and out.logits.requires_grad
+
+
+def test_without_alignment_the_predictors_get_no_optimizer_state_and_stay_as_built(single_rank):
+    from sdt_dist.train_module import SDTrainModule
+    from sdt_dist.train_step import train_step
+
+    cfg = make_cfg("parallel.zero_stage=0", "distill.lambda_sd=0")
+    tm = SDTrainModule(cfg, single_rank)
+    pred = {id(p) for p in tm.predictors.parameters()}
+    in_optimizer = {id(p) for g in tm.engine.optimizer.param_groups for p in g["params"]}
+    assert pred and in_optimizer and not pred & in_optimizer
+    before = [p.detach().clone() for p in tm.predictors.parameters()]
+    for step in range(2):
+        assert not train_step(tm, [random_batch(cfg, step)], step).skipped
+    # AdamW's weight decay alone would have moved them
+    assert all(torch.equal(a, p) for a, p in zip(before, tm.predictors.parameters()))

@@ -6,9 +6,11 @@ the teacher's probabilities). Here one pass, chunked over tokens so that tempora
 both losses and keeps only what their gradients need:
   d LM / dz = w * (softmax(z) - onehot(label)),  d KD / dz = w * T * (softmax(z / T) - softmax(z_T / T))
 (w = loss mask / number of tokens), i.e. softmax(z) and the probability difference: two tensors, written
-in place into one gradient in backward. Logits stay vocab-parallel under TP: the softmax statistics (max,
-sum of exponentials, the label's logit, the KL partial sums) are all-reduced over the TP group as plain
-values, and the backward needs no communication (each rank's gradient is its own vocabulary slice).
+in place into one gradient in backward. Per chunk, one max per tensor serves both temperatures, and the KL
+is one dot product per token against log-sum-exps (no [tokens, vocab] log-probabilities). Logits stay
+vocab-parallel under TP: the softmax statistics (max, sum of exponentials, the label's logit, the KL dot
+product) are all-reduced over the TP group as plain values, and the backward needs no communication (each
+rank's gradient is its own vocabulary slice).
 Same values as `lm_loss` and `kd_loss` up to float rounding (tests/distill/test_fused_lm_kd.py).
 """
 
@@ -19,10 +21,18 @@ import torch.distributed as dist
 
 from sdt_dist.distill.losses import sequence_major
 
-# elements of a [chunk tokens, vocab] fp32 temporary (8 MiB): bounded memory, and faster than whole-tensor
-# passes on a CPU (measured: chunks of 2^21 elements took about half the CPU time of the separate losses,
-# 2^23 more than them, at V = 8k and 32k)
-CHUNK_ELEMENTS = 2**21
+# Elements of a [chunk tokens, vocab] fp32 temporary. On a CPU, chunks that stay near the cache are fastest:
+# 2^19 (2 MiB) took 0.80-0.97x the time of 2^21 at V = 8k and 32k, 1,024 tokens, 1 and 2 threads, forward and
+# backward, and 2^16 was slower than both (per-chunk overhead; benchmarks/fused_loss.py, docs/performance.md).
+# On an accelerator every chunk costs some 30 kernel launches, so there a chunk is as large as memory allows:
+# 2^26 elements (256 MiB), at most 4 of them at once. That figure is reasoned, not measured (no GPU at hand).
+CPU_CHUNK_ELEMENTS = 2**19
+ACCELERATOR_CHUNK_ELEMENTS = 2**26
+
+
+def chunk_elements(device_type: str) -> int:
+    """Elements of one chunk temporary on a device of this type ("cpu", "cuda", ...)."""
+    return CPU_CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
 
 
 def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
@@ -51,26 +61,27 @@ class _LmKd(torch.autograd.Function):
         diff = torch.empty_like(p1)  # softmax(z / T) - softmax(z_T / T)
         lm_tok = torch.empty(n, dtype=torch.float32, device=logits.device)
         kl_tok = torch.empty_like(lm_tok)
+        inv_t = 1.0 / temperature
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z = z_all[s:e].float()
-            zs, zt = z / temperature, t_all[s:e].float() / temperature
-            peak = torch.stack([z.max(-1).values, zs.max(-1).values, zt.max(-1).values])
+            z, t = z_all[s:e].float(), t_all[s:e].float()
+            # max(z / T) = max(z) / T: one max per tensor serves both temperatures
+            peak = torch.stack([z.max(-1).values, t.max(-1).values])
             _all_reduce(peak, dist.ReduceOp.MAX, tp_group)
-            torch.exp(z - peak[0, :, None], out=p1[s:e])
-            torch.exp(zs - peak[1, :, None], out=diff[s:e])
-            et = torch.exp(zt - peak[2, :, None])
-            target = z.gather(1, local[s:e, None]).squeeze(1) * owned[s:e]
-            sums = torch.stack([p1[s:e].sum(-1), diff[s:e].sum(-1), et.sum(-1), target])
+            es = torch.add(-inv_t * peak[0, :, None], z, alpha=inv_t, out=diff[s:e]).exp_()  # exp(z/T - max/T)
+            torch.sub(z, peak[0, :, None], out=p1[s:e]).exp_()
+            et = torch.add(-inv_t * peak[1, :, None], t, alpha=inv_t).exp_()
+            # KL(p_T || p_S) = sum_v p_T (z_T - z) / T - lse(z_T / T) + lse(z / T), with p_T = et / sum(et): one
+            # dot product per token; the sums (and the dot) over this rank's vocabulary slice
+            sums = torch.stack([p1[s:e].sum(-1), es.sum(-1), et.sum(-1), z.gather(1, local[s:e, None]).squeeze(1)
+                                * owned[s:e], torch.linalg.vecdot(et, t - z)])
             _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
-            lse = peak + sums[:3].log()  # log-sum-exp of z, z/T, z_T/T
-            lm_tok[s:e] = lse[0] - sums[3]
+            lse = peak[0] + sums[0].log()
+            lm_tok[s:e] = lse - sums[3]
+            # lse(z / T) - lse(z_T / T), each term's max apart: their difference is small where the KL is
+            kl_tok[s:e] = inv_t * (sums[4] / sums[2] + peak[0] - peak[1]) + (sums[1] / sums[2]).log()
             p1[s:e] /= sums[0, :, None]
-            pt = et.div_(sums[2, :, None])
-            # KL(p_T || p_S) = sum_v p_T * (log p_T - log p_S), as kd_loss takes it (this rank's vocabulary)
-            kl_tok[s:e] = (pt * ((zt - lse[2, :, None]) - (zs - lse[1, :, None]))).sum(-1)
-            diff[s:e].div_(sums[1, :, None]).sub_(pt)
-        _all_reduce(kl_tok, dist.ReduceOp.SUM, tp_group)
+            es.div_(sums[1, :, None]).addcmul_(et, (-1.0 / sums[2])[:, None])
         count = mask.sum().clamp(min=1.0)
         ctx.save_for_backward(local, owned, mask / count)
         ctx.p1, ctx.diff, ctx.temperature, ctx.shape = p1, diff, temperature, logits.shape
@@ -96,5 +107,5 @@ def lm_kd_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: tor
     """(LM, T^2 * KL(softmax(z_T/T) || softmax(z_S/T))), each a mean over non-padding tokens, from vocab-parallel
     logits [b, s, V/tp]; the gradient reaches the student's logits only."""
     group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
-    chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // logits.size(-1))
+    chunk = chunk_tokens or max(1, chunk_elements(logits.device.type) // logits.size(-1))
     return _LmKd.apply(logits, teacher_logits, labels, loss_mask, temperature, group, chunk)

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         layout = run_layout(cfg, args.world)
         dev = device(args.device, args.world // args.nodes) if args.device else None
-        precision = run_precision(cfg, layout.dp, flash_attention=args.device not in (None, "cpu"))
+        kind = None if args.device is None else "cpu" if args.device == "cpu" else "cuda"
+        precision = run_precision(cfg, layout.dp, kind)
     except ConfigError as e:
         print(f"[sdt-plan] config error: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ class PlanCheck:
         self.accel.reset_max_memory_allocated()
         self.rank, self.tolerance, self.checked = dims.rank, tolerance, False
         layout = run_layout(cfg, dims.world_size)
-        precision = run_precision(cfg, dims.dp, flash_attention=self.accel.device_name() != "cpu")
+        precision = run_precision(cfg, dims.dp, self.accel.device_name())
         plan = make_plan(cfg, parameter_inventory(cfg), layout, precision, None)
         self.stage = plan.stages[dims.pp_rank]
         terms = {**self.stage.exact, **self.stage.estimated}

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from sdt_dist.config import Config, check_layout
-from sdt_dist.distill.fused_lm_kd import CHUNK_ELEMENTS
+from sdt_dist.distill.fused_lm_kd import chunk_elements
 from sdt_dist.parallel.engine import build_ds_config, compute_dtype
 from sdt_dist.plan.inventory import ParamInfo
 
@@ -60,6 +60,7 @@ class Precision:
     persistence_threshold: int = 100_000  # ZeRO-3 stage3_param_persistence_threshold
     reduce_bucket: int = 500_000_000  # elements (DeepSpeed default)
     flash_attention: bool = True  # SDPA keeps no s x s scores (a fused kernel); the math path does
+    loss_chunk: int = chunk_elements("cuda")  # elements of a fused LM + KD chunk temporary on the device
 
 
 def run_layout(cfg: Config, world: int) -> Layout:
@@ -70,15 +71,18 @@ def run_layout(cfg: Config, world: int) -> Layout:
                   recompute=cfg.model.recompute, sequence_parallel=p.sequence_parallel)
 
 
-def run_precision(cfg: Config, dp: int, flash_attention: bool = True) -> Precision:
-    """Compute dtype and ZeRO buffer sizes from the DeepSpeed config the trainer derives. `flash_attention`:
-    the device has a fused SDPA kernel with dropout (CUDA); without dropout torch's CPU kernel is fused too."""
+def run_precision(cfg: Config, dp: int, device: str | None = "cuda") -> Precision:
+    """Compute dtype and ZeRO buffer sizes from the DeepSpeed config the trainer derives, on a device of this
+    type (None: not known, planned without a fused attention kernel). A CUDA device has a fused SDPA kernel
+    with dropout; without dropout torch's CPU kernel is fused too."""
+    flash_attention = device not in (None, "cpu")
     ds = build_ds_config(cfg, dp)
     zero = ds["zero_optimization"]
     return Precision(param_bytes=compute_dtype(ds).itemsize,
                      persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
                      reduce_bucket=int(zero.get("reduce_bucket_size", 500_000_000)),
-                     flash_attention=flash_attention or cfg.model.dropout == 0)
+                     flash_attention=flash_attention or cfg.model.dropout == 0,
+                     loss_chunk=chunk_elements("cuda" if device is None else device))
 
 
 @dataclass
@@ -237,10 +241,10 @@ def micro_batch_activations(cfg: Config, lay: Layout, prec: Precision, stage: in
         # student and teacher logits (compute dtype) and the final norm's input and output, then the losses
         total += 2 * e * vocab + 2 * e * sbh
         # fused LM + KD (`distill/fused_lm_kd.py`, also on the pipeline's last stage): softmax(z) and the
-        # probability difference in fp32, and at most 6 fp32 chunk temporaries (7 when the logits need an fp32
-        # copy) at once
-        chunk = min(vocab, max(1, CHUNK_ELEMENTS // (m.vocab_size // t)) * (m.vocab_size // t))
-        total += 2 * 4 * vocab + (6 if e == 4 else 7) * 4 * chunk
+        # probability difference in fp32, and at most 2 fp32 chunk temporaries at once (4 when the logits need
+        # fp32 copies)
+        chunk = min(vocab, max(1, prec.loss_chunk // (m.vocab_size // t)) * (m.vocab_size // t))
+        total += 2 * 4 * vocab + (2 if e == 4 else 4) * 4 * chunk
     return total
 
 

@@ -42,3 +42,17 @@ def test_fused_kd_is_zero_for_a_teacher_equal_to_the_student_and_reaches_the_stu
     assert abs(kd.item()) < 1e-6
     kd.backward()
     assert teacher.grad is None and z.grad.abs().max() < 1e-6  # KD alone: zero gradient at its minimum
+
+
+def test_fused_kd_keeps_its_precision_for_a_teacher_close_to_the_student():
+    """A small KL over a realistic vocabulary (the teacher a slightly moved student, as an EMA is): its value
+    is a difference of log-sum-exps, computed without cancelling large terms."""
+    g = torch.Generator().manual_seed(2)
+    zs = (torch.randn(32, 2, 4096, generator=g, dtype=torch.float64) * 3 + 5).transpose(0, 1)
+    zt = zs + 0.05 * torch.randn(zs.shape, generator=g, dtype=torch.float64)
+    labels, mask = torch.randint(0, 4096, (2, 32), generator=g), torch.ones(2, 32)
+    log_ps, log_pt = torch.log_softmax(zs / 2.0, -1), torch.log_softmax(zt / 2.0, -1)
+    ref = 4.0 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()  # in float64
+    _, kd = lm_kd_losses(zs.float(), zt.float(), labels, mask, 2.0, chunk_tokens=24)
+    assert 1e-4 < ref.item() < 1e-2
+    torch.testing.assert_close(kd.double(), ref, rtol=4e-5, atol=0.0)  # summing two dot products: 7e-5

@@ -65,7 +65,7 @@ def test_plan_steady_peak_is_the_measured_peak(runs, name):
         cfg = make_cfg(*BASE, *overrides, f"model.recompute={mode}")
         layout = run_layout(cfg, nproc)
         stages = plan_layout(cfg, parameter_inventory(cfg), layout,
-                             run_precision(cfg, layout.dp, flash_attention=False))  # CPU
+                             run_precision(cfg, layout.dp, "cpu"))
         for rank in res["ranks"]:
             planned, measured = stages[rank["pp_rank"]].steady_peak, rank["modes"][mode]["peak"]
             print(f"{name} {mode} rank {rank['rank']}: plan {planned / 2**20:.1f} MiB, "

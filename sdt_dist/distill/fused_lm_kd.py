@@ -22,11 +22,12 @@ import torch.distributed as dist
 from sdt_dist.distill.losses import sequence_major
 
 # Elements of a [chunk tokens, vocab] fp32 temporary. On a CPU, chunks that stay near the cache are fastest:
-# 2^19 (2 MiB) took 0.80-0.97x the time of 2^21 at V = 8k and 32k, 1,024 tokens, 1 and 2 threads, forward and
-# backward, and 2^16 was slower than both (per-chunk overhead; benchmarks/fused_loss.py, docs/performance.md).
-# On an accelerator every chunk costs some 30 kernel launches, so there a chunk is as large as memory allows:
-# 2^26 elements (256 MiB), at most 4 of them at once. That figure is reasoned, not measured (no GPU at hand).
-CPU_CHUNK_ELEMENTS = 2**19
+# over V = 8k and 32k at 1 and 2 threads (1,024 tokens, forward and backward; benchmarks/fused_loss.py,
+# docs/performance.md), 2^20 (4 MiB) took at most 1.20x the time of the fastest of 2^18-2^21 in each case,
+# where 2^19 took up to 1.27x and 2^21 up to 1.31x. On an accelerator every chunk costs some 30 kernel launches,
+# so there a chunk is as large as memory allows: 2^26 elements (256 MiB), at most 4 of them at once. That
+# figure is reasoned, not measured (no GPU at hand).
+CPU_CHUNK_ELEMENTS = 2**20
 ACCELERATOR_CHUNK_ELEMENTS = 2**26
 
 
@@ -66,7 +67,7 @@ class _LmKd(torch.autograd.Function):
             e = min(n, s + chunk)
             z, t = z_all[s:e].float(), t_all[s:e].float()
             # max(z / T) = max(z) / T: one max per tensor serves both temperatures
-            peak = torch.stack([z.max(-1).values, t.max(-1).values])
+            peak = torch.stack([z.amax(-1), t.amax(-1)])  # amax: max(-1) also finds the indices, 7x slower
             _all_reduce(peak, dist.ReduceOp.MAX, tp_group)
             es = torch.add(-inv_t * peak[0, :, None], z, alpha=inv_t, out=diff[s:e]).exp_()  # exp(z/T - max/T)
             torch.sub(z, peak[0, :, None], out=p1[s:e]).exp_()

@@ -65,7 +65,7 @@ def _tp_log_softmax(z: torch.Tensor, tp_group: dist.ProcessGroup | None) -> torc
     """Local slice of log_softmax over a vocabulary split across the TP group."""
     if _tp_size(tp_group) == 1:
         return torch.log_softmax(z, dim=-1)
-    zmax = z.detach().max(dim=-1, keepdim=True).values
+    zmax = z.detach().amax(dim=-1, keepdim=True)
     dist.all_reduce(zmax, op=dist.ReduceOp.MAX, group=tp_group)
     local = torch.exp(z - zmax).sum(dim=-1, keepdim=True)
     # Every rank's terms depend on the global sum, so its gradient must be summed over ranks too:

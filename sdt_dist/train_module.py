@@ -87,10 +87,9 @@ class SDTrainModule:
             mark_sequence_parallel(predictors)
             allreduce_sequence_parallel_grads(gpt, dims.tp_group)
             allreduce_sequence_parallel_grads(predictors, dims.tp_group)
-        if d.lambda_sd == 0:
-            # nothing is ever aligned (kappa is empty): the predictors can get no gradient, so they get no optimizer
-            # state and no update (AdamW's weight decay alone would move them)
-            predictors.requires_grad_(False)
+        # without alignment (kappa is empty) the predictors can get no gradient: no optimizer state, no update
+        # (AdamW's weight decay alone would move them)
+        predictors.requires_grad_(d.lambda_sd > 0)
         # built like the student in every layout (its values are the student's, from EmaTeacher), so that the
         # random state after init, and with it dropout, is the same at any PP size
         teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers), m.vocab_size, m.tie_embeddings,
@@ -261,6 +260,23 @@ class SDTrainModule:
         logits = self.engine(batch["tokens"]).logits
         return losses.lm_loss(logits, batch["labels"], batch["loss_mask"],
                               self.dims.tp_split).item()
+
+    @property
+    def predictors_trained(self) -> bool:
+        """Whether the predictors are in the optimizer (not in a run without alignment, lambda_sd = 0)."""
+        return any(p.requires_grad for p in self.predictors.parameters())
+
+    def train_predictors(self, trained: bool) -> None:
+        """Put the predictors in the optimizer or take them out (rebuilding it), so that its parameter groups
+        match a checkpoint's: one of a run without alignment written before they left it still holds them."""
+        if trained == self.predictors_trained:
+            return
+        self.predictors.requires_grad_(trained)
+        lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
+        self.engine.destroy()
+        self.engine = self._build_engine()
+        for group, lr in zip(self.engine.optimizer.param_groups, lrs):
+            group["lr"] = lr
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:

@@ -75,7 +75,7 @@ def save(tm: SDTrainModule, ckpt_root: Path, step: int, consumed_samples: int, m
     dist.barrier()
     tm.engine.save_checkpoint(str(ckpt_root), tag=tmp_tag, save_latest=False)
     extra = {"step": step, "consumed_samples": consumed_samples, "frozen_layers": tm.frozen,
-             "teacher": tm.teacher.state_dict(), "rng": rng_state()}
+             "predictors_trained": tm.predictors_trained, "teacher": tm.teacher.state_dict(), "rng": rng_state()}
     torch.save(extra, ckpt_root / tmp_tag / f"rank_{rank:05d}.pt")
     student, teacher = tm.export_state()
     full_optimizer = full_optimizer_state(tm) if tm.cfg.train.save_full_optimizer else None
@@ -159,7 +159,9 @@ def load(tm: SDTrainModule, path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{extra_path} is missing: the checkpoint was written by a different "
                                 f"number of ranks; resume with the same layout")
     extra = torch.load(extra_path, map_location="cpu", weights_only=True)
-    # The optimizer's parameter groups must match the saved ones: freeze first, then load.
+    # The optimizer's parameter groups must match the saved ones: freeze first, then load. Checkpoints older
+    # than the key always trained the predictors (a run without alignment too)
+    tm.train_predictors(extra.get("predictors_trained", True))
     tm.freeze(extra["frozen_layers"], carry_state=False)
     load_path, _ = tm.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)

@@ -64,6 +64,7 @@ def load_at_new_layout(tm, path: Path) -> dict[str, Any]:
     """Restore weights, optimizer, teacher, freezing and data position of checkpoint `path` into `tm`, built at
     any layout. Returns the saved trainer state (step, consumed_samples, frozen_layers, rank 0's RNG)."""
     extra = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=True)
+    tm.train_predictors(extra.get("predictors_trained", True))  # as `checkpoint.load`
     tm.freeze(extra["frozen_layers"], carry_state=False)  # the optimizer now holds the saved one's parameters
     opt = load_file(str(path / FULL_OPTIMIZER))
     student = load_file(str(path / "export" / "student.safetensors"))

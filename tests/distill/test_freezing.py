@@ -116,3 +116,30 @@ def test_without_alignment_the_predictors_get_no_optimizer_state_and_stay_as_bui
         assert not train_step(tm, [random_batch(cfg, step)], step).skipped
     # AdamW's weight decay alone would have moved them
     assert all(torch.equal(a, p) for a, p in zip(before, tm.predictors.parameters()))
+
+
+def test_a_run_without_alignment_resumes_a_checkpoint_that_still_trained_its_predictors(single_rank, tmp_path):
+    """Checkpoints written before the predictors of such a run left the optimizer hold their Adam state (and
+    no `predictors_trained` key): the resume puts them back in, so DeepSpeed's parameter groups match."""
+    from sdt_dist import checkpoint
+    from sdt_dist.train_module import SDTrainModule
+    from sdt_dist.train_step import train_step
+
+    cfg = make_cfg("parallel.zero_stage=0", "distill.lambda_sd=0", "model.dropout=0", "distill.layerdrop_p=0")
+    old = SDTrainModule(cfg, single_rank)
+    old.train_predictors(True)  # as the code before did
+    for step in range(2):
+        train_step(old, [random_batch(cfg, step)], step)
+    meta = {"config": cfg.to_dict(), "config_sha256": cfg.sha256(), "world_size": single_rank.world_size,
+            "layout": single_rank.describe(), "step": 2, "consumed_samples": 8}
+    path = checkpoint.save(old, tmp_path / "checkpoints", 2, 8, meta, keep=1)
+    extra_file = path / "rank_00000.pt"
+    extra = torch.load(extra_file, weights_only=True)
+    assert extra.pop("predictors_trained") is True
+    torch.save(extra, extra_file)  # as the code before wrote it
+    new = SDTrainModule(cfg, single_rank)
+    assert not new.predictors_trained
+    checkpoint.load(new, path)
+    assert new.predictors_trained
+    ref, got = train_step(old, [random_batch(cfg, 2)], 2), train_step(new, [random_batch(cfg, 2)], 2)
+    assert got.loss == ref.loss

@@ -125,6 +125,15 @@ class SDTrainModule:
                              losses_finite=None if self.pipeline is None else self.pipeline.losses_finite)
         return engine
 
+    def _rebuild_engine(self) -> None:
+        """A new engine (and optimizer) over the parameters that now require grad, at the old one's learning
+        rates: how freezing and `train_predictors` change what the optimizer holds."""
+        lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
+        self.engine.destroy()
+        self.engine = self._build_engine()
+        for group, lr in zip(self.engine.optimizer.param_groups, lrs):
+            group["lr"] = lr
+
     def student_gpt_params(self) -> list[torch.nn.Parameter]:
         """The student parameters the EMA teacher averages (this stage's, under PP), in its order."""
         return list(self.ema_source.parameters())
@@ -272,11 +281,7 @@ class SDTrainModule:
         if trained == self.predictors_trained:
             return
         self.predictors.requires_grad_(trained)
-        lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
-        self.engine.destroy()
-        self.engine = self._build_engine()
-        for group, lr in zip(self.engine.optimizer.param_groups, lrs):
-            group["lr"] = lr
+        self._rebuild_engine()
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -294,14 +299,10 @@ class SDTrainModule:
         newly_ids = {id(p) for p in newly}
         kept = [p for p in self.student.parameters() if p.requires_grad and id(p) not in newly_ids]
         snap = snapshot_optimizer_state(self.engine, kept) if carry_state else None
-        lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
         for p in newly:
             p.requires_grad_(False)
             p.grad = None
-        self.engine.destroy()
-        self.engine = self._build_engine()
-        for group, lr in zip(self.engine.optimizer.param_groups, lrs):
-            group["lr"] = lr
+        self._rebuild_engine()
         if snap is not None:
             restore_optimizer_state(self.engine, kept, snap)
         self.frozen = num_frozen

@@ -73,6 +73,32 @@ def test_align_loss_closed_form_and_stop_gradient():
     assert align_loss({1: target.detach() * 3}, {1: target.detach()}, {1: 1}, mask).abs().item() < 1e-6
 
 
+def test_align_loss_gradient_equals_autograd_through_cosine_similarity_in_float64():
+    # the alignment term's backward is written in closed form; autograd through torch's cosine_similarity
+    # (same definition: x.y / (max(|x|, eps) max(|y|, eps))) is the reference, including a masked token, a
+    # prediction of norm below eps, a zero prediction and a zero teacher state
+    s, b, d = 6, 3, 16
+    g = torch.Generator().manual_seed(3)
+    pred = torch.randn(s, b, d, generator=g, dtype=torch.float64)
+    target = torch.randn(s, b, d, generator=g, dtype=torch.float64)
+    pred[1, 2] *= 1e-8
+    pred[3, 1] = 0.0
+    target[4, 0] = 0.0
+    mask = torch.ones(b, s, dtype=torch.float64)
+    mask[0, 5] = 0
+    ours = pred.clone().requires_grad_(True)
+    ref = pred.clone().requires_grad_(True)
+    loss = align_loss({1: ours}, {1: target}, {1: 1}, mask)
+    cos = torch.nn.functional.cosine_similarity(ref, target, dim=-1, eps=1e-6).transpose(0, 1)
+    expected = ((1 - cos) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    (loss * 1.7).backward()
+    (expected * 1.7).backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    assert ours.grad[5, 0].abs().max() == 0  # the masked token gets none
+    assert ours.grad[1, 2].abs().max() > 0 and torch.isfinite(ours.grad).all()
+
+
 def test_align_reduce_mean_is_the_sum_over_the_aligned_layers_divided_by_their_number():
     s, b, d = 5, 3, 8
     g = torch.Generator().manual_seed(7)

@@ -1,7 +1,8 @@
 """Layer specs: the student's and the teacher's decoder layers, composed from megatron-core modules.
 
 Pre-LayerNorm, rotary attention through torch SDPA, GELU MLP; linears are megatron-core's column/row
-tensor-parallel linears, so the same spec runs at any TP size. The student's layers carry their
+tensor-parallel linears (on one TP rank with the bias inside the matmul: `linear.py`), so the same spec runs
+at any TP size. The student's layers carry their
 LayerDrop rate; the teacher's spec is the same layer with p = 0.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from sdt_dist.config import ModelConfig, ParallelConfig
 from sdt_dist.model.attention import SDPAttention
 from sdt_dist.model.layerdrop_layer import LayerDropTransformerLayer
+from sdt_dist.model.linear import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
 from sdt_dist.model.norm import LayerNorm
 
 
@@ -34,16 +35,17 @@ def decoder_layer_spec(drop_prob: float = 0.0, recompute: str = "none") -> Modul
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=FusedBiasColumnParallelLinear,
                     core_attention=ModuleSpec(module=SDPAttention, params={"recompute": recompute == "selective"}),
-                    linear_proj=RowParallelLinear,
+                    linear_proj=FusedBiasRowParallelLinear,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=LayerNorm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                submodules=MLPSubmodules(linear_fc1=FusedBiasColumnParallelLinear,
+                                        linear_fc2=FusedBiasRowParallelLinear),
             ),
             mlp_bda=get_bias_dropout_add,
         ),

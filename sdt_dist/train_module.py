@@ -98,6 +98,7 @@ class SDTrainModule:
         self.predictors = predictors
         self.teacher_gpt = teacher_gpt
         self.frozen = 0
+        self._frozen_indices: tuple[int, frozenset[int]] = (0, frozenset())
         dp_group = dims.dp_group if dims.dp > 1 else None
         if dims.pp == 1:
             self.pipeline = None
@@ -114,6 +115,7 @@ class SDTrainModule:
             self.engine = self._build_engine()
             self.ema_source, teacher_pieces = stage_pieces(self.student)
             self.teacher = EmaTeacher(teacher_pieces, self.ema_source, dp_group, self.dtype)
+        self._ema_params = tuple(self.ema_source.parameters())
 
     def _build_engine(self):
         groups = param_groups(list(self.student.named_parameters()), self.cfg.train.weight_decay)
@@ -135,8 +137,9 @@ class SDTrainModule:
             group["lr"] = lr
 
     def student_gpt_params(self) -> list[torch.nn.Parameter]:
-        """The student parameters the EMA teacher averages (this stage's, under PP), in its order."""
-        return list(self.ema_source.parameters())
+        """The student parameters the EMA teacher averages (this stage's, under PP), in its order (listed once:
+        freezing and engine rebuilds change their flags, never the parameters)."""
+        return list(self._ema_params)
 
     def named_student_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """This stage's student and predictor parameters under names no layout changes (`gpt.<GPTModel name>`,
@@ -153,9 +156,13 @@ class SDTrainModule:
         return self.frozen if self.cfg.distill.freeze_embedding else 0
 
     def frozen_indices(self) -> frozenset[int]:
-        """Indices (in `student_gpt_params` order) of frozen parameters: the teacher copies them."""
-        ids = {id(p) for p in frozen_parameters(self.gpt, self.frozen, self.cfg.distill.freeze_embedding)}
-        return frozenset(i for i, p in enumerate(self.student_gpt_params()) if id(p) in ids)
+        """Indices (in `student_gpt_params` order) of frozen parameters: the teacher copies them. Found again only
+        when the frozen count moved (the EMA update asks every step)."""
+        if self._frozen_indices[0] != self.frozen:
+            ids = {id(p) for p in frozen_parameters(self.gpt, self.frozen, self.cfg.distill.freeze_embedding)}
+            found = frozenset(i for i, p in enumerate(self._ema_params) if id(p) in ids)
+            self._frozen_indices = (self.frozen, found)
+        return self._frozen_indices[1]
 
     def teacher_gather(self) -> str:
         """How much of the teacher its forward holds whole at once (for the log)."""

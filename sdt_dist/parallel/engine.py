@@ -108,12 +108,22 @@ def initialize_engine(module: torch.nn.Module, groups: list[dict], ds_config: di
     return engine
 
 
+def module_parameters(engine) -> list[torch.nn.Parameter]:
+    """`engine.module`'s parameters, listed once per engine: walking the module tree for them costs about as much
+    as a small layer's kernels, and the per-step checks need them every step. (Freezing changes flags, not the
+    parameters; it builds a new engine anyway.)"""
+    params = engine.__dict__.get("_sdt_parameters")
+    if params is None:
+        params = engine.__dict__["_sdt_parameters"] = list(engine.module.parameters())
+    return params
+
+
 def _zero_missing_grads(engine, bucket_size: int | None = None) -> None:
     """At the accumulation boundary a trainable parameter without a gradient (a predictor not aligned this
     step, a LayerDropped layer) gets a zero one, as DeepSpeed's all-reduce gives it: AdamW then steps it
     (momentum, weight decay) exactly as with several data-parallel ranks."""
     if not engine.is_gradient_accumulation_boundary():
         return
-    for p in engine.module.parameters():
+    for p in module_parameters(engine):
         if p.requires_grad and p.grad is None and p.numel():
             p.grad = torch.zeros_like(p)

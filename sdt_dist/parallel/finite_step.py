@@ -34,11 +34,13 @@ import torch
 import torch.distributed as dist
 
 from sdt_dist.parallel.dims import device
+from sdt_dist.parallel.engine import module_parameters
 
 
 def _finite_everywhere(bad: torch.Tensor) -> bool:
-    """False if the 1-element 0/1 flag `bad` is 1 on any rank (one MAX all-reduce over the world)."""
-    if dist.is_initialized():
+    """False if the 1-element 0/1 flag `bad` is 1 on any rank (one MAX all-reduce over the world; none when
+    there is one rank)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0.0
 
@@ -59,7 +61,7 @@ def _engine_clips_fp32(engine) -> bool:
 def _local_grads_bad(engine, clip: bool) -> torch.Tensor:
     """This rank's 0/1 flag of a non-finite gradient; with `clip`, also DeepSpeed's ZeRO-0 clipping
     (`deepspeed.runtime.utils.clip_grad_norm_`) from the same norms."""
-    params = [p for p in engine.module.parameters() if p.grad is not None]
+    params = [p for p in module_parameters(engine) if p.grad is not None]
     if not params:
         return torch.zeros(1, device=device())
     grads = [p.grad for p in params]
@@ -72,7 +74,7 @@ def _local_grads_bad(engine, clip: bool) -> torch.Tensor:
         first = mpu is None or mpu.get_model_parallel_rank() == 0
         counted = [n for p, n in zip(params, norms) if first or is_model_parallel_parameter(p)]
         total = torch.stack(counted).pow(2).sum() if counted else torch.zeros((), device=bad.device)
-        if mpu is not None:
+        if mpu is not None and dist.get_world_size(mpu.get_model_parallel_group()) > 1:
             dist.all_reduce(total, group=mpu.get_model_parallel_group())
         coef = (engine.gradient_clipping() / (total.sqrt() + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, coef)

@@ -29,7 +29,8 @@ def owt_prepared(tmp_path_factory) -> Path:
 
 
 def launch(out_dir: Path, prepared: Path, *overrides: str, fault: str | None = None) -> subprocess.Popen:
-    cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(port),
            "launchers/pretrain_owt.py", "--config", "launchers/configs/tiny.yaml",
            "--set", f"train.out_dir={out_dir}", "--set", "data.source=null", "--set", f"data.prepared=[{prepared}]",
            "--set", "logging.log_interval=1"]
@@ -39,13 +40,22 @@ def launch(out_dir: Path, prepared: Path, *overrides: str, fault: str | None = N
     env = worker_env()
     if fault:
         env["SDT_FAULT"] = fault
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.master_port = port
+    return proc
+
+
+def shm_left(proc: subprocess.Popen) -> list[Path]:
+    """DeepSpeed's CPU all-reduce workspaces of this job still in /dev/shm (`dims._unlink_shm_workspace`): none
+    once the job has ended, however it ended."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{proc.master_port}_*"))
 
 
 def finish(proc: subprocess.Popen, out_dir: Path, timeout: int = 600) -> None:
     rc = proc.wait(timeout=timeout)
     log = (out_dir.parent / f"{out_dir.name}.log").read_text()
     assert rc == 0, log[-5000:]
+    assert not shm_left(proc)
 
 
 def metrics(out_dir: Path) -> dict[int, dict]:
@@ -93,6 +103,7 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, owt_prepared, t
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not shm_left(proc)  # kill -9 leaves no shared memory behind either
     killed_at = max(metrics(out))
     assert killed_at < 60
     finish(launch(out, owt_prepared), out)

@@ -122,10 +122,10 @@ class _CosineDistanceSum(torch.autograd.Function):
     """sum over tokens of w * (1 - cos(p, t)) along the last dimension, `t` a constant (the stop-gradient
     teacher state); `cosine_similarity`'s definition: x.y / (max(|x|, eps) max(|y|, eps)).
 
-    The gradient in closed form, w * (cos p / (max(|p|, eps) |p|) - t / (max(|p|, eps) max(|t|, eps))), as
-    torch's autograd of `cosine_similarity` has it also below eps, costs two passes over [tokens, d]; autograd through
-    `cosine_similarity` (norms, clamps, divisions, product, sum) takes several times that, once per aligned
-    layer and step."""
+    The gradient in closed form, w * (cos p / (max(|p|, eps) |p|) - t / (max(|p|, eps) max(|t|, eps))) (as
+    torch's autograd of `cosine_similarity` has it, also below eps), costs two passes over [tokens, d];
+    autograd through `cosine_similarity` (norms, clamps, divisions, product, sum) takes several times that,
+    once per aligned layer and step."""
 
     @staticmethod
     def forward(ctx, p: torch.Tensor, t: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Layer specs: the student's and the teacher's decoder layers, composed from megatron-core modules.
 
 Pre-LayerNorm, rotary attention through torch SDPA, GELU MLP; linears are megatron-core's column/row
-tensor-parallel linears (on one TP rank with the bias inside the matmul: `linear.py`), so the same spec runs
-at any TP size. The student's layers carry their
-LayerDrop rate; the teacher's spec is the same layer with p = 0.
+tensor-parallel linears (on one TP rank with the bias inside the matmul: `linear.py`), so the same spec
+runs at any TP size. The student's layers carry their LayerDrop rate; the teacher's spec is the same layer
+with p = 0.
 """
 
 from __future__ import annotations

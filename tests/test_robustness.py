@@ -173,3 +173,21 @@ def test_tampered_checkpoint_pickle_is_refused_before_it_runs(tmp_path):
     with pytest.raises(ValueError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
         refuse_unsafe_pickles(tmp_path)
     assert not marker.exists()  # inspected, never executed
+
+
+def test_a_stale_extension_build_lock_is_named_before_a_start_waits_on_it(tmp_path, monkeypatch, capsys):
+    """A build killed midway leaves torch's lock behind; every later start would wait on it without a word."""
+    import os
+    import time
+
+    from sdt_dist.parallel.dims import warn_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, building = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, building):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert warn_stale_build_locks() == [stale]
+    err = capsys.readouterr().err
+    assert str(stale) in err and "60 minutes old" in err and str(building) not in err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -148,8 +150,32 @@ def init_distributed(timeout_s: int = 600) -> None:
                 with socket.socket() as sock:
                     sock.bind(("127.0.0.1", 0))
                     os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    warn_stale_build_locks()
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
     _unlink_shm_workspace()
+
+
+def warn_stale_build_locks(max_age_s: float = 600.0) -> list[Path]:
+    """torch builds DeepSpeed's JIT ops (on a CPU accelerator its comm op, checked at every start) under a file
+    lock, `<torch extensions dir>/<python>/<op>/lock`. A process killed while building leaves it behind, and every
+    later start then waits on it for ever without a word. Name any lock older than a build takes (the comm op:
+    about a minute), on stderr, before the start can block on it; returns those locks."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # torch's own choice: $TORCH_EXTENSIONS_DIR/<op>, else <default root>/<python and device>/<op>
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    stale = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # a build just finished
+            continue
+        if age > max_age_s:
+            stale.append(lock)
+            print(f"[sdt-dist] warning: {lock} is {age / 60:.0f} minutes old: a torch extension build that was "
+                  "killed leaves this lock, and this start waits on it until it is gone. If no build is running, "
+                  "delete it.", file=sys.stderr, flush=True)
+    return stale
 
 
 def _unlink_shm_workspace() -> None:

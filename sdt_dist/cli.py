@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import yaml
 
@@ -66,6 +67,14 @@ def train_main(argv: list[str] | None = None) -> None:
         # clean shutdown as a finished run, so a Slurm requeue is not failed by the exit-time abort below.
         if e.code not in (0, None):
             raise
+    except RuntimeError:
+        # When a rank dies, every rank waiting for it in a collective fails at once (a gloo/NCCL error). The
+        # launcher names the first non-zero exit it polls (deepspeed's: once a second), so such a secondary
+        # failure must not reach it first, or the log blames this rank's connection error instead of the
+        # death (-9: OOM killer, kill) that caused it. Linger past one poll, then fail as before.
+        if dims.world_size > 1:
+            time.sleep(3)
+        raise
     destroy_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -112,6 +112,7 @@ def module_parameters(engine) -> list[torch.nn.Parameter]:
     """`engine.module`'s parameters, listed once per engine: walking the module tree for them costs about as much
     as a small layer's kernels, and the per-step checks need them every step. (Freezing changes flags, not the
     parameters; it builds a new engine anyway.)"""
+    # its own __dict__: DeepSpeedEngine.__getattr__ would fall through to the module's attributes
     params = engine.__dict__.get("_sdt_parameters")
     if params is None:
         params = engine.__dict__["_sdt_parameters"] = list(engine.module.parameters())

@@ -8,7 +8,8 @@ One process holds every arm and runs them interleaved (one step of each arm per 
 rotated every round), so that a busy machine slows all arms alike; times are medians over the rounds
 after the first `--warmup`. Arms:
   peer plain / peer naive SD: Hugging Face `GPTNeoXForCausalLM` of the same shape (exactly this
-    architecture), torch AdamW, gradient clipping; naive SD adds a teacher forward under no_grad, the
+    architecture), torch AdamW (its default kernel; also a plain arm with the fused kernel ours uses by
+    default), gradient clipping; naive SD adds a teacher forward under no_grad, the
     T^2 KL term and a `torch._foreach_lerp_` EMA.
   ours: the real `SDTrainModule` + `train_step` on one rank (DeepSpeed engine, ZeRO-0, fp32, dropout 0):
     plain (the GPT-baseline arm: no KD, no alignment, no freezing, no LayerDrop), SD without freezing or
@@ -66,6 +67,7 @@ SCHEDULE = ["distill.freeze_milestones=[0.1, 0.2, 0.3]", "distill.freeze_fractio
             "distill.layerdrop_p=0.1"]
 NO_FREEZE = ["distill.freeze_milestones=[]", "distill.freeze_fractions=[]", "distill.layerdrop_p=0"]
 SD, EMA = "ours SD, no freezing, no LayerDrop", "EMA update alone (SD arm)"
+PEER_FUSED = "peer plain, fused AdamW (ours' default kernel)"
 KD_ONLY = "ours SD without alignment (EMA teacher + KD), no freezing, no LayerDrop"
 
 
@@ -83,7 +85,7 @@ def random_batch(cfg: Config, seed: int) -> dict[str, torch.Tensor]:
 
 
 # -- the peer: plain PyTorch + Hugging Face -----------------------------------------------------------------
-def peer_arm(cfg: Config, naive_sd: bool) -> Callable[[dict[str, torch.Tensor], int], None]:
+def peer_arm(cfg: Config, naive_sd: bool, fused: bool = False) -> Callable[[dict[str, torch.Tensor], int], None]:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     m, t, d = cfg.model, cfg.train, cfg.distill
@@ -95,7 +97,9 @@ def peer_arm(cfg: Config, naive_sd: bool) -> Callable[[dict[str, torch.Tensor], 
                        initializer_range=m.init_std)
     torch.manual_seed(t.seed)
     model = GPTNeoXForCausalLM._from_config(hf, attn_implementation="sdpa").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    # torch's default kernel (for-loop on CPU, foreach on CUDA) unless `fused`, which ours uses by default
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                            fused=fused or None)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if naive_sd else None
     s_params, t_params = list(model.parameters()), list(teacher.parameters()) if teacher else []
     temp = d.temperature
@@ -239,8 +243,9 @@ def _separate_lm_kd(logits, teacher_logits, labels, mask, temperature, tp_group)
 
 
 def levers(args: argparse.Namespace) -> None:
-    """Plain step with DeepSpeed's gradient all-reduce restored, SD step with the separate LM and KD losses
-    restored, each against the same step with the lever (one process, interleaved)."""
+    """Plain step with DeepSpeed's gradient all-reduce restored, with torch's CPU default AdamW kernel, SD step
+    with the separate LM and KD losses restored, each against the same step with the lever (one process,
+    interleaved)."""
     import sdt_dist.train_module as ts
 
     cfg = make_cfg(args)
@@ -249,6 +254,7 @@ def levers(args: argparse.Namespace) -> None:
     tm, plain_ds = our_arm(make_cfg(args, *PLAIN), None)
     del tm.engine.allreduce_gradients  # the instance override: DeepSpeed's own method again
     arms["ours plain, DeepSpeed all-reduce at DP=1"] = plain_ds
+    _, arms["ours plain, for-loop AdamW"] = our_arm(make_cfg(args, *PLAIN, "train.optimizer_impl=for-loop"), None)
     _, arms["ours SD"] = our_arm(make_cfg(args, *NO_FREEZE), None)
     _, sd = our_arm(make_cfg(args, *NO_FREEZE), None)
 
@@ -266,6 +272,7 @@ def levers(args: argparse.Namespace) -> None:
     for name in arms:
         print(f"| {name} | {med[name] * 1e3:,.0f} | {cpu[name] * 1e3:,.0f} |")
     for off, on in (("ours plain, DeepSpeed all-reduce at DP=1", "ours plain"),
+                    ("ours plain, for-loop AdamW", "ours plain"),
                     ("ours SD, separate LM and KD losses", "ours SD")):
         print(f"{off} / with the lever: wall {med[off] / med[on]:.3f}, CPU {cpu[off] / cpu[on]:.3f}")
 
@@ -332,7 +339,8 @@ def main() -> None:
     core, staged = args.arms in ("all", "core"), args.arms in ("all", "stages")
     arms: dict[str, Callable] = {}
     if core:
-        arms.update({"peer plain": peer_arm(sd_cfg, False), "peer naive SD": peer_arm(sd_cfg, True)})
+        arms.update({"peer plain": peer_arm(sd_cfg, False), "peer naive SD": peer_arm(sd_cfg, True),
+                     PEER_FUSED: peer_arm(sd_cfg, False, fused=True)})
     cfgs = {"ours plain": make_cfg(args, *PLAIN)}
     _, arms["ours plain"] = our_arm(cfgs["ours plain"], None)
     if core:

@@ -20,6 +20,7 @@ import yaml
 
 from sdt_dist.paths import expand_vars
 
+OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")  # train.optimizer_impl: torch AdamW's kernels
 
 class ConfigError(ValueError):
     """A config value or combination is invalid; the message names the key."""
@@ -106,6 +107,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
+    # torch AdamW's kernel: "fused" (one pass over each tensor; on CPU 4x faster than the others, no step
+    # temporaries), "foreach" (torch's default on CUDA) or "for-loop" (its default on CPU); equal up to rounding
+    optimizer_impl: str = "fused"
     save_interval: int = 500
     keep_checkpoints: int = 3
     # also write full_optimizer.safetensors (whole fp32 masters + Adam moments), so that the checkpoint can
@@ -365,6 +369,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two values in [0, 1)")
     _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    _check(t.optimizer_impl in OPTIMIZER_IMPLS, "train.optimizer_impl", f"one of {', '.join(OPTIMIZER_IMPLS)}")
     _check(t.save_interval > 0, "train.save_interval", "must be > 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.eval_interval > 0, "train.eval_interval", "must be > 0")

@@ -120,7 +120,8 @@ class SDTrainModule:
     def _build_engine(self):
         groups = param_groups(list(self.student.named_parameters()), self.cfg.train.weight_decay)
         t = self.cfg.train
-        engine = initialize_engine(self.student, groups, self.ds_config, t.lr, tuple(t.betas), self.dims)
+        engine = initialize_engine(self.student, groups, self.ds_config, t.lr, tuple(t.betas), self.dims,
+                                   t.optimizer_impl)
         # DeepSpeed checks the gradient norm itself except under ZeRO-0; under PP the loss is known only inside
         # the engine's schedule, on the last stage: check both before the optimizer step
         guard_optimizer_step(engine, check_grads=engine.zero_optimization_stage() == 0,

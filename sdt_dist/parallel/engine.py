@@ -90,11 +90,22 @@ def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_deca
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
+_ADAMW_KERNEL = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
+
+
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], impl: str) -> torch.optim.AdamW:
+    """torch AdamW over `groups` with the kernel `impl` names (`train.optimizer_impl`)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, **_ADAMW_KERNEL[impl])
+    except RuntimeError as e:  # e.g. no fused kernel for this device type
+        raise RuntimeError(f"train.optimizer_impl={impl}: {e} (train.optimizer_impl=foreach runs anywhere)") from e
+
+
 def initialize_engine(module: torch.nn.Module, groups: list[dict], ds_config: dict[str, Any], lr: float,
-                      betas: tuple[float, float], dims: ParallelDims):
+                      betas: tuple[float, float], dims: ParallelDims, optimizer_impl: str):
     import deepspeed
 
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+    optimizer = adamw(groups, lr, betas, optimizer_impl)
     # The pipeline engine takes its groups from the PipelineModule's topology and refuses an mpu.
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=copy.deepcopy(ds_config),

@@ -174,19 +174,24 @@ def gradient_bytes(numel: int, lay: Layout, prec: Precision) -> int:
     return part * 4 + bucket
 
 
-def optimizer_step_bytes(params: list[ParamInfo], lay: Layout) -> int:
-    """Estimate: torch AdamW's temporaries at the step, two fp32 tensors (sqrt of the second moment and its
-    scaled copy) the size of what it steps at once: under ZeRO a group's flat partition, else (foreach, on CUDA)
-    a whole group."""
+def optimizer_step_bytes(params: list[ParamInfo], lay: Layout, impl: str) -> int:
+    """Estimate: torch AdamW's temporaries at the step, by kernel (`train.optimizer_impl`; measured in
+    `tests/plan/test_plan.py`). Fused: none. For-loop: two fp32 tensors (the second moment's sqrt, then its
+    scaled copy) the size of one tensor it steps. Foreach: one fp32 tensor per tensor of a group, at once.
+    What it steps: under ZeRO a group's flat partition, else each parameter."""
+    if impl == "fused":
+        return 0
     tp, dp = lay.tp, lay.dp
     groups = [[p for p in params if p.matrix], [p for p in params if not p.matrix]]
     if lay.zero == 0:
-        sizes = [sum(p.local(tp) for p in g) for g in groups]
+        tensors = [[p.local(tp) for p in g] for g in groups]
     elif lay.zero in (1, 2):
-        sizes = [_align(sum(p.local(tp) for p in g), 2 * dp) // dp for g in groups]
+        tensors = [[_align(sum(p.local(tp) for p in g), 2 * dp) // dp] for g in groups]
     else:
-        sizes = [sum(math.ceil(p.local(tp) / dp) for p in g) for g in groups]
-    return 2 * 4 * max(sizes)
+        tensors = [[sum(math.ceil(p.local(tp) / dp) for p in g)] for g in groups]
+    if impl == "for-loop":
+        return 2 * 4 * max((n for g in tensors for n in g), default=0)
+    return 4 * max(sum(g) for g in tensors)
 
 
 def forward_gradient_bytes(numel: int, lay: Layout, prec: Precision, gas: int) -> int:
@@ -258,7 +263,7 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     units = _units(params, lay.tp)
     teacher_whole = sum(p.local(lay.tp) for p in params if p.unit != "predictor")
     st.estimated["gradients"] = gradient_bytes(numel, lay, prec)
-    st.estimated["optimizer_step"] = optimizer_step_bytes(params, lay)
+    st.estimated["optimizer_step"] = optimizer_step_bytes(params, lay, cfg.train.optimizer_impl)
     st.forward_gradients = forward_gradient_bytes(numel, lay, prec, gas)
     # the teacher forward all-gathers fp32 slices (over DP > 1; else it reads its shard) and casts them (to 16
     # bits): one module at a time, or the whole stage for a whole batch under PP

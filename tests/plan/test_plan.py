@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sdt_dist.config import ConfigError
 from sdt_dist.plan.cli import main
@@ -104,3 +105,25 @@ def test_trainer_plan_check_logs_and_warns_on_departure(single_rank, capsys):
     check.after_step(tm)
     assert "WARNING teacher_shard" in capsys.readouterr().out
     tm.engine.destroy()
+
+
+@pytest.mark.parametrize("impl", ["fused", "for-loop", "foreach"])
+def test_adamw_step_temporaries_as_measured(impl):
+    """sdt-plan's estimate of AdamW's step temporaries (ZeRO-0: torch's AdamW over the parameters) equals the
+    bytes the CPU allocator hands out during a step, for each kernel."""
+    from sdt_dist.parallel.engine import adamw
+    from sdt_dist.plan.inventory import ParamInfo
+    from sdt_dist.plan.memory import Layout, optimizer_step_bytes
+    from tests.helpers import allocation_peak
+
+    shapes = [(300, 200), (100, 50), (400,), (64,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = adamw([{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}],
+                1e-3, (0.9, 0.95), impl)
+    opt.step()  # the first step allocates the moments, which the plan counts as optimizer state
+    _, measured = allocation_peak(opt.step)
+    infos = [ParamInfo(f"p{i}", p.numel(), False, p.dim() >= 2, "layer") for i, p in enumerate(params)]
+    estimate = optimizer_step_bytes(infos, Layout(world=1, tp=1, pp=1, zero=0, micro_batch=1), impl)
+    assert abs(measured - estimate) <= 64, (measured, estimate)  # a few bytes of step counters

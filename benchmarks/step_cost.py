@@ -243,10 +243,11 @@ def _separate_lm_kd(logits, teacher_logits, labels, mask, temperature, tp_group)
 
 
 def levers(args: argparse.Namespace) -> None:
-    """Plain step with DeepSpeed's gradient all-reduce restored, with torch's CPU default AdamW kernel, SD step
-    with the separate LM and KD losses restored, each against the same step with the lever (one process,
-    interleaved)."""
+    """Plain step with DeepSpeed's gradient all-reduce restored, with torch's CPU default AdamW kernel, with
+    torch's cross-entropy for the LM term; SD step with the separate LM and KD losses restored; each against the
+    same step with the lever (one process, interleaved)."""
     import sdt_dist.train_module as ts
+    from sdt_dist.distill import losses
 
     cfg = make_cfg(args)
     arms: dict[str, Callable] = {"peer plain": peer_arm(cfg, False)}
@@ -255,6 +256,16 @@ def levers(args: argparse.Namespace) -> None:
     del tm.engine.allreduce_gradients  # the instance override: DeepSpeed's own method again
     arms["ours plain, DeepSpeed all-reduce at DP=1"] = plain_ds
     _, arms["ours plain, for-loop AdamW"] = our_arm(make_cfg(args, *PLAIN, "train.optimizer_impl=for-loop"), None)
+    _, plain_ce = our_arm(make_cfg(args, *PLAIN), None)
+
+    def plain_cross_entropy(batch: dict[str, torch.Tensor], i: int) -> None:
+        fused, ts.fused_lm_loss = ts.fused_lm_loss, losses.lm_loss
+        try:
+            plain_ce(batch, i)
+        finally:
+            ts.fused_lm_loss = fused
+
+    arms["ours plain, torch cross-entropy"] = plain_cross_entropy
     _, arms["ours SD"] = our_arm(make_cfg(args, *NO_FREEZE), None)
     _, sd = our_arm(make_cfg(args, *NO_FREEZE), None)
 
@@ -273,6 +284,7 @@ def levers(args: argparse.Namespace) -> None:
         print(f"| {name} | {med[name] * 1e3:,.0f} | {cpu[name] * 1e3:,.0f} |")
     for off, on in (("ours plain, DeepSpeed all-reduce at DP=1", "ours plain"),
                     ("ours plain, for-loop AdamW", "ours plain"),
+                    ("ours plain, torch cross-entropy", "ours plain"),
                     ("ours SD, separate LM and KD losses", "ours SD")):
         print(f"{off} / with the lever: wall {med[off] / med[on]:.3f}, CPU {cpu[off] / cpu[on]:.3f}")
 

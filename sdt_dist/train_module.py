@@ -15,7 +15,7 @@ import torch
 from sdt_dist.config import Config
 from sdt_dist.distill import losses
 from sdt_dist.distill.freezing import frozen_parameters
-from sdt_dist.distill.fused_lm_kd import lm_kd_losses
+from sdt_dist.distill.fused_lm_kd import fused_lm_loss, lm_kd_losses
 from sdt_dist.distill.layerdrop import layer_probs
 from sdt_dist.distill.predictor import build_predictors, predictor_spec
 from sdt_dist.distill.schedules import layer_map
@@ -230,7 +230,7 @@ class SDTrainModule:
             terms["align"] = losses.align_loss(predictions, teacher.hidden, self.layer_map, mask, sp_group,
                                                reduce=d.align_reduce)
         else:
-            terms["lm"] = losses.lm_loss(logits, labels, mask, tp_group)
+            terms["lm"] = fused_lm_loss(logits, labels, mask, tp_group)  # the same pass, LM alone
             terms["kd"] = terms["align"] = torch.zeros((), device=logits.device)
         terms["total"] = losses.combine_losses(terms["lm"], terms["kd"], terms["align"], d)
         return terms

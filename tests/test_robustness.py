@@ -13,26 +13,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdt_dist.config import Config, ConfigError, check_layout, load_config
-from sdt_dist.distill import losses
 from tests.helpers import OWT, REPO, TINY, free_port, full_student_params, make_cfg, random_batch, worker_env
 
 
-def test_non_finite_loss_skips_the_step_everywhere(single_rank, monkeypatch):
+@pytest.mark.parametrize("plain", [False, True])
+def test_non_finite_loss_skips_the_step_everywhere(single_rank, monkeypatch, plain):
     from sdt_dist.train_module import SDTrainModule
     from sdt_dist.train_step import train_step
 
-    cfg = make_cfg("distill.ema_tau=0.5")
+    cfg = make_cfg("distill.ema_tau=0.5", *(["distill.lambda_kd=0", "distill.lambda_sd=0"] if plain else []))
     tm = SDTrainModule(cfg, single_rank)
     train_step(tm, [random_batch(cfg, 0)], 0)
     before = full_student_params(tm)
     teacher_before = tm.teacher.full_parameters()
     inner = tm.engine.optimizer
     steps_before = [s["step"].clone() for s in inner.state.values()]
-    real_lm_loss = losses.lm_loss
-    monkeypatch.setattr(losses, "lm_loss", lambda *a, **k: real_lm_loss(*a, **k) * float("nan"))
-    # with a teacher, LM and KD come from one fused pass: its LM term goes non-finite too
+    # LM alone (a step without teacher) or LM and KD from one fused pass: the LM term goes non-finite in both
     import sdt_dist.train_module as step_module
 
+    real_lm_loss = step_module.fused_lm_loss
+    monkeypatch.setattr(step_module, "fused_lm_loss", lambda *a, **k: real_lm_loss(*a, **k) * float("nan"))
     real_fused = step_module.lm_kd_losses
     monkeypatch.setattr(step_module, "lm_kd_losses",
                         lambda *a, **k: (lambda lm, kd: (lm * float("nan"), kd))(*real_fused(*a, **k)))
@@ -41,7 +41,7 @@ def test_non_finite_loss_skips_the_step_everywhere(single_rank, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))
     assert all(torch.equal(a, b) for a, b in zip(teacher_before, tm.teacher.full_parameters()))
     assert all(torch.equal(a["step"], b) for a, b in zip(inner.state.values(), steps_before))
-    monkeypatch.setattr(losses, "lm_loss", real_lm_loss)
+    monkeypatch.setattr(step_module, "fused_lm_loss", real_lm_loss)
     monkeypatch.setattr(step_module, "lm_kd_losses", real_fused)
     res = train_step(tm, [random_batch(cfg, 2)], 2)
     assert not res.skipped and any(not torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))

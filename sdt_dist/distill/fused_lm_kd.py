@@ -1,4 +1,4 @@
-"""LM and KD losses in one pass over the logits, with their gradient in closed form.
+"""LM and KD losses in one pass over the logits, with their gradient in closed form (also the LM term alone).
 
 Separately, `losses.lm_loss` and `losses.kd_loss` each take a log-softmax of the student's full-vocabulary
 logits and autograd keeps three [tokens, vocab] tensors alive for backward (the two log-softmax outputs and
@@ -11,6 +11,9 @@ is one dot product per token against log-sum-exps (no [tokens, vocab] log-probab
 vocab-parallel under TP: the softmax statistics (max, sum of exponentials, the label's logit, the KL dot
 product) are all-reduced over the TP group as plain values, and the backward needs no communication (each
 rank's gradient is its own vocabulary slice).
+Without KD (a plain step) the same pass keeps softmax(z) alone and writes the gradient into it: against
+torch's cross-entropy (a log-softmax kept for backward, then a zero-filled [tokens, vocab] gradient and the
+log-softmax's backward) half the time at V = 8k and 32k (docs/performance.md).
 Same values as `lm_loss` and `kd_loss` up to float rounding (tests/distill/test_fused_lm_kd.py).
 """
 
@@ -43,15 +46,17 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
 
 class _LmKd(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+    def forward(ctx, logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                 loss_mask: torch.Tensor, temperature: float, tp_group: dist.ProcessGroup | None,
                 chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kd = teacher_logits is not None  # else the LM term alone (a plain step)
         ctx.swap = sequence_major(logits)
         if ctx.swap:
-            logits, teacher_logits, labels, loss_mask = (t.transpose(0, 1) for t in (logits, teacher_logits, labels,
-                                                                                     loss_mask))
+            logits, labels, loss_mask = (t.transpose(0, 1) for t in (logits, labels, loss_mask))
+            teacher_logits = teacher_logits.transpose(0, 1) if kd else None
         vocab = logits.size(-1)
-        z_all, t_all = logits.detach().reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)
+        z_all = logits.detach().reshape(-1, vocab)
+        t_all = teacher_logits.detach().reshape(-1, vocab) if kd else None
         n = z_all.size(0)
         first = 0 if tp_group is None else dist.get_rank(tp_group) * vocab  # megatron's contiguous vocab split
         local = labels.reshape(-1) - first
@@ -59,30 +64,34 @@ class _LmKd(torch.autograd.Function):
         local = local.clamp(0, vocab - 1)
         mask = loss_mask.reshape(-1).float()
         p1 = torch.empty(n, vocab, dtype=torch.float32, device=logits.device)  # softmax(z)
-        diff = torch.empty_like(p1)  # softmax(z / T) - softmax(z_T / T)
+        diff = torch.empty_like(p1) if kd else None  # softmax(z / T) - softmax(z_T / T)
         lm_tok = torch.empty(n, dtype=torch.float32, device=logits.device)
-        kl_tok = torch.empty_like(lm_tok)
+        kl_tok = torch.zeros_like(lm_tok)
         inv_t = 1.0 / temperature
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z, t = z_all[s:e].float(), t_all[s:e].float()
-            # max(z / T) = max(z) / T: one max per tensor serves both temperatures
-            peak = torch.stack([z.amax(-1), t.amax(-1)])  # amax: max(-1) also finds the indices, 7x slower
+            z = z_all[s:e].float()
+            t = t_all[s:e].float() if kd else None
+            # max(z / T) = max(z) / T: one max per tensor serves both temperatures (amax: max(-1) also finds
+            # the indices, 7x slower)
+            peak = torch.stack([z.amax(-1), t.amax(-1)]) if kd else z.amax(-1)[None]
             _all_reduce(peak, dist.ReduceOp.MAX, tp_group)
-            es = torch.add(-inv_t * peak[0, :, None], z, alpha=inv_t, out=diff[s:e]).exp_()  # exp(z/T - max/T)
             torch.sub(z, peak[0, :, None], out=p1[s:e]).exp_()
-            et = torch.add(-inv_t * peak[1, :, None], t, alpha=inv_t).exp_()
-            # KL(p_T || p_S) = sum_v p_T (z_T - z) / T - lse(z_T / T) + lse(z / T), with p_T = et / sum(et): one
-            # dot product per token; the sums (and the dot) over this rank's vocabulary slice
-            sums = torch.stack([p1[s:e].sum(-1), es.sum(-1), et.sum(-1), z.gather(1, local[s:e, None]).squeeze(1)
-                                * owned[s:e], torch.linalg.vecdot(et, t - z)])
+            stats = [p1[s:e].sum(-1), z.gather(1, local[s:e, None]).squeeze(1) * owned[s:e]]
+            if kd:
+                es = torch.add(-inv_t * peak[0, :, None], z, alpha=inv_t, out=diff[s:e]).exp_()  # exp(z/T - max/T)
+                et = torch.add(-inv_t * peak[1, :, None], t, alpha=inv_t).exp_()
+                # KL(p_T || p_S) = sum_v p_T (z_T - z) / T - lse(z_T / T) + lse(z / T), with p_T = et / sum(et):
+                # one dot product per token; the sums (and the dot) over this rank's vocabulary slice
+                stats += [es.sum(-1), et.sum(-1), torch.linalg.vecdot(et, t - z)]
+            sums = torch.stack(stats)
             _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
-            lse = peak[0] + sums[0].log()
-            lm_tok[s:e] = lse - sums[3]
-            # lse(z / T) - lse(z_T / T), each term's max apart: their difference is small where the KL is
-            kl_tok[s:e] = inv_t * (sums[4] / sums[2] + peak[0] - peak[1]) + (sums[1] / sums[2]).log()
+            lm_tok[s:e] = peak[0] + sums[0].log() - sums[1]
             p1[s:e] /= sums[0, :, None]
-            es.div_(sums[1, :, None]).addcmul_(et, (-1.0 / sums[2])[:, None])
+            if kd:
+                # lse(z / T) - lse(z_T / T), each term's max apart: their difference is small where the KL is
+                kl_tok[s:e] = inv_t * (sums[4] / sums[3] + peak[0] - peak[1]) + (sums[2] / sums[3]).log()
+                es.div_(sums[2, :, None]).addcmul_(et, (-1.0 / sums[3])[:, None])
         count = mask.sum().clamp(min=1.0)
         ctx.save_for_backward(local, owned, mask / count)
         ctx.p1, ctx.diff, ctx.temperature, ctx.shape = p1, diff, temperature, logits.shape
@@ -95,11 +104,20 @@ class _LmKd(torch.autograd.Function):
         local, owned, w = ctx.saved_tensors
         grad = ctx.p1  # reused in place: this backward runs once
         grad.mul_((grad_lm * w)[:, None])
-        grad.add_(ctx.diff.mul_((grad_kd * ctx.temperature * w)[:, None]))
+        if ctx.diff is not None:
+            grad.add_(ctx.diff.mul_((grad_kd * ctx.temperature * w)[:, None]))
         grad.scatter_add_(1, local[:, None], -(grad_lm * w * owned)[:, None])
         ctx.p1 = ctx.diff = None
         grad = grad.view(ctx.shape).to(ctx.dtype)
         return grad.transpose(0, 1) if ctx.swap else grad, None, None, None, None, None, None
+
+
+def _chunk(logits: torch.Tensor, chunk_tokens: int | None) -> int:
+    return chunk_tokens or max(1, chunk_elements(logits.device.type) // logits.size(-1))
+
+
+def _tp(tp_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    return tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
 
 
 def lm_kd_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
@@ -107,6 +125,12 @@ def lm_kd_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: tor
                  chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(LM, T^2 * KL(softmax(z_T/T) || softmax(z_S/T))), each a mean over non-padding tokens, from vocab-parallel
     logits [b, s, V/tp]; the gradient reaches the student's logits only."""
-    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
-    chunk = chunk_tokens or max(1, chunk_elements(logits.device.type) // logits.size(-1))
-    return _LmKd.apply(logits, teacher_logits, labels, loss_mask, temperature, group, chunk)
+    return _LmKd.apply(logits, teacher_logits, labels, loss_mask, temperature, _tp(tp_group),
+                       _chunk(logits, chunk_tokens))
+
+
+def fused_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                  tp_group: dist.ProcessGroup | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
+    """The LM term of the same pass alone (a step without KD): `losses.lm_loss`'s value and gradient, in two
+    passes over the logits forward and one backward, writing its gradient into the softmax it kept."""
+    return _LmKd.apply(logits, None, labels, loss_mask, 1.0, _tp(tp_group), _chunk(logits, chunk_tokens))[0]

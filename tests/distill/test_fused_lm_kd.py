@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sdt_dist.distill.fused_lm_kd import lm_kd_losses
+from sdt_dist.distill.fused_lm_kd import fused_lm_loss, lm_kd_losses
 from sdt_dist.distill.losses import kd_loss, lm_loss
 
 
@@ -30,6 +30,23 @@ def test_fused_equals_separate_losses_values_and_gradients(chunk, temperature, c
     (lm + 0.7 * kd).backward()
     torch.testing.assert_close(lm.double(), ref_lm.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kd.double(), ref_kd.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
+    assert got_in.grad.shape == zs.shape and got_in.grad[1, 4:].abs().max() == 0  # padding gets no gradient
+
+
+@pytest.mark.parametrize("chunk", [4, None])
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_fused_lm_alone_equals_lm_loss_value_and_gradient(chunk, contiguous):
+    """The plain step's LM term: the same pass without a teacher."""
+    zs, _, labels, mask = _inputs(3)
+    zs = zs.contiguous() if contiguous else zs
+    ref_in = zs.clone().requires_grad_(True)
+    ref = lm_loss(ref_in, labels, mask)
+    (1.3 * ref).backward()  # float64 logits: the reference
+    got_in = zs.float().requires_grad_(True)
+    lm = fused_lm_loss(got_in, labels, mask, chunk_tokens=chunk)
+    (1.3 * lm).backward()
+    torch.testing.assert_close(lm.double(), ref.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
     assert got_in.grad.shape == zs.shape and got_in.grad[1, 4:].abs().max() == 0  # padding gets no gradient
 

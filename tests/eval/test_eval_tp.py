@@ -1,4 +1,4 @@
-"""TP = 2 with two real processes: vocab-parallel statistics equal the full-logit ones."""
+"""TP = 2 with two real processes: vocab-parallel statistics and fused losses equal the full-logit ones."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ def test_tp2_stats_equal_full_logits(tmp_path):
            str(worker), str(tmp_path / "out.json")]
     proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    for name, r in read_json(tmp_path / "out.json").items():
+    results = read_json(tmp_path / "out.json")
+    for key, err in results.pop("losses").items():  # the fused LM alone and with KD, values and gradient slices
+        assert err < 1e-5, key
+    for name, r in results.items():
         assert r["nll_err"] < 1e-5 and r["conf_err"] < 1e-6, name
         assert r["correct_equal"], name
         for key in ("ppl", "ece", "accuracy"):

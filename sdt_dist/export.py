@@ -117,8 +117,8 @@ def load_export(path: Path, which: str = "student", parallel: ParallelConfig | N
     if parallel.tensor != 1:
         raise ValueError("load_export builds a TP=1 model; shard the state yourself for TP > 1")
     tconf = transformer_config(model_cfg, parallel, dtype)
-    gpt = GPTModel(tconf, student_layer_specs([0.0] * model_cfg.num_layers), model_cfg.vocab_size,
-                   model_cfg.tie_embeddings, model_cfg.rope_base)
+    gpt = GPTModel(tconf, student_layer_specs([0.0] * model_cfg.num_layers, rope_base=model_cfg.rope_base),
+                   model_cfg.vocab_size, model_cfg.tie_embeddings)
     state = load_file(str(path / f"{which}.safetensors"))  # safetensors: no pickle, no code execution
     missing, unexpected = gpt.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("._extra_state")]

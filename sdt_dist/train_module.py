@@ -76,8 +76,8 @@ class SDTrainModule:
         torch.manual_seed(cfg.train.seed)
         kept = stage_units(m.num_layers, dims.pp, dims.pp_rank) if dims.pp > 1 else None
         with model_init_context(self.ds_config, dims):
-            gpt = GPTModel(tconf, student_layer_specs(self.drop_probs, m.recompute), m.vocab_size, m.tie_embeddings,
-                           m.rope_base, kept)
+            gpt = GPTModel(tconf, student_layer_specs(self.drop_probs, m.recompute, m.rope_base), m.vocab_size,
+                           m.tie_embeddings, kept)
             predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std, kept)
         if cfg.train.init_from is not None:  # before the engine copies the weights and the teacher takes them
             load_initial_weights(gpt, cfg.train.init_from, m, dims.tp_split)
@@ -92,8 +92,8 @@ class SDTrainModule:
         predictors.requires_grad_(d.lambda_sd > 0)
         # built like the student in every layout (its values are the student's, from EmaTeacher), so that the
         # random state after init, and with it dropout, is the same at any PP size
-        teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers), m.vocab_size, m.tie_embeddings,
-                               m.rope_base, kept).to(device())
+        teacher_gpt = GPTModel(tconf, teacher_layer_specs(m.num_layers, m.rope_base), m.vocab_size, m.tie_embeddings,
+                               kept).to(device())
         self.gpt = gpt  # under PP, only this stage's parameters hold weights
         self.predictors = predictors
         self.teacher_gpt = teacher_gpt

@@ -55,8 +55,8 @@ def tiny_model(cfg: Config, seed: int = 0) -> GPTModel:
     `single_rank` fixture)."""
     m = cfg.model
     torch.manual_seed(seed)
-    gpt = GPTModel(transformer_config(m, cfg.parallel), student_layer_specs([0.0] * m.num_layers), m.vocab_size,
-                   m.tie_embeddings, m.rope_base)
+    specs = student_layer_specs([0.0] * m.num_layers, rope_base=m.rope_base)
+    gpt = GPTModel(transformer_config(m, cfg.parallel), specs, m.vocab_size, m.tie_embeddings)
     with torch.no_grad():
         for p in gpt.parameters():
             if p.dim() > 1:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from sdt_dist.distill.layerdrop import evenly_spaced_keep
 from sdt_dist.model import GPTModel, student_layer_specs
 
@@ -27,7 +25,8 @@ def prune_model(gpt: GPTModel, keep: list[int]) -> GPTModel:
         raise ValueError(f"keep must be increasing layer numbers in 1..{gpt.num_layers}, got {keep}")
     config = dataclasses.replace(gpt.config, num_layers=len(keep))
     vocab = gpt.embedding.num_embeddings
-    pruned = GPTModel(config, student_layer_specs([0.0] * len(keep)), vocab, gpt.tie_embeddings)
+    rope_base = gpt.layers[0].self_attention.core_attention.rope_base
+    pruned = GPTModel(config, student_layer_specs([0.0] * len(keep), rope_base=rope_base), vocab, gpt.tie_embeddings)
     state = {}
     for name, tensor in gpt.state_dict().items():
         if not name.startswith("layers."):
@@ -38,6 +37,4 @@ def prune_model(gpt: GPTModel, keep: list[int]) -> GPTModel:
         if number in keep:
             state[f"layers.{keep.index(number)}.{rest}"] = tensor
     pruned.load_state_dict(state, strict=True)
-    with torch.no_grad():  # rotary frequencies are a non-persistent buffer (not in the state dict)
-        pruned.rope.inv_freq.copy_(gpt.rope.inv_freq)
     return pruned.train(gpt.training)

@@ -1,8 +1,10 @@
-"""Core attention for megatron-core's `SelfAttention` slot, through torch SDPA.
+"""Core attention for megatron-core's `SelfAttention` slot, through torch SDPA, with rotary embeddings.
 
 Stock `DotProductAttention` allocates on `torch.cuda` and forks the CUDA RNG tracker; this module
 keeps the same interface (megatron's [s, b, heads, dim] layout in, [s, b, heads*dim] out) and runs on
-any device, picking the fused kernel torch has for it (flash / memory-efficient on CUDA).
+any device, picking the fused kernel torch has for it (flash / memory-efficient on CUDA). With `rope_base` it
+first rotates queries and keys (`rope.py`: megatron's rotation, bitwise, at half its cost), so the layers are
+called without megatron's `rotary_pos_emb`.
 
 `recompute=True` (model.recompute: selective) checkpoints this attention core, as megatron-core's selective
 recomputation does (whose own checkpoint needs CUDA's RNG tracker): the s x s scores and dropout mask are
@@ -19,6 +21,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
+from sdt_dist.model.rope import apply_rope, rotary_cos_sin
+
 
 class SDPAttention(MegatronModule):
     def __init__(
@@ -30,6 +34,7 @@ class SDPAttention(MegatronModule):
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
         recompute: bool = False,
+        rope_base: float | None = None,
         **_unused,  # megatron passes cp_comm_type / pg_collection; neither applies here
     ) -> None:
         super().__init__(config=config)
@@ -38,6 +43,7 @@ class SDPAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
         self.recompute = recompute
+        self.rope_base = rope_base
 
     def forward(
         self,
@@ -49,6 +55,9 @@ class SDPAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
+        if self.rope_base is not None:  # positions 0..s-1: the whole sequence (sequence parallelism gathered it)
+            cos, sin = rotary_cos_sin(query.size(0), query.size(-1), self.rope_base, query.device)
+            query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(self._attend, query, key, value, use_reentrant=False)
         return self._attend(query, key, value)

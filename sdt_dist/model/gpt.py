@@ -18,7 +18,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sdt_dist.model.norm import LayerNorm
-from sdt_dist.model.rope import RotaryEmbedding
 from sdt_dist.model.stage_init import build_unit
 
 
@@ -53,7 +52,6 @@ class GPTModel(torch.nn.Module):
         layer_specs: list[ModuleSpec],
         vocab_size: int,
         tie_embeddings: bool = True,
-        rope_base: float = 10000.0,
         kept: Container[int] | None = None,
     ) -> None:
         """`kept`: the units (0 embedding, 1..L layers, L + 1 final norm and head) whose weights this rank keeps
@@ -66,7 +64,6 @@ class GPTModel(torch.nn.Module):
             reduce_scatter_embeddings=config.sequence_parallel,
         ))
         self.embedding_dropout = torch.nn.Dropout(config.hidden_dropout)
-        self.rope = RotaryEmbedding(config.kv_channels, base=rope_base)
         self.layers = torch.nn.ModuleList(
             build_unit(i + 1, kept, lambda spec=spec, number=i + 1: build_module(spec, config=config,
                                                                                  layer_number=number))
@@ -107,7 +104,6 @@ class GPTModel(torch.nn.Module):
         `trunk`: the output states of layers 1..j from another forward with the same weights (the shared frozen
         trunk): the embedding and those layers do not run, the forward starts at layer j + 1 from trunk[j] and
         reports trunk's states as its own."""
-        rotary = self.rope(tokens.size(1), tokens.device)
         hidden = dict(trunk or {})
         start = len(hidden)
         if sorted(hidden) != list(range(1, start + 1)) or skip & set(hidden):
@@ -119,7 +115,7 @@ class GPTModel(torch.nn.Module):
                 h = self.embed(tokens)
         for number, layer in enumerate(self.layers[start:], start=start + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and number > frozen_prefix):
-                h, _ = layer(h, attention_mask=None, rotary_pos_emb=rotary, skip=number in skip)
+                h, _ = layer(h, attention_mask=None, skip=number in skip)
             if number not in skip:
                 hidden[number] = h
         return GPTOutput(logits=self.head(h), hidden=hidden)

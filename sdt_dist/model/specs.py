@@ -24,8 +24,9 @@ from sdt_dist.model.linear import FusedBiasColumnParallelLinear, FusedBiasRowPar
 from sdt_dist.model.norm import LayerNorm
 
 
-def decoder_layer_spec(drop_prob: float = 0.0, recompute: str = "none") -> ModuleSpec:
-    """`recompute` (model.recompute): none, selective (the attention core) or full (the whole layer)."""
+def decoder_layer_spec(drop_prob: float = 0.0, recompute: str = "none", rope_base: float = 10000.0) -> ModuleSpec:
+    """`recompute` (model.recompute): none, selective (the attention core) or full (the whole layer);
+    `rope_base` (model.rope_base): the rotary embeddings' base, applied by the attention core."""
     return ModuleSpec(
         module=LayerDropTransformerLayer,
         params={"drop_prob": drop_prob, "recompute": recompute},
@@ -36,7 +37,8 @@ def decoder_layer_spec(drop_prob: float = 0.0, recompute: str = "none") -> Modul
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=FusedBiasColumnParallelLinear,
-                    core_attention=ModuleSpec(module=SDPAttention, params={"recompute": recompute == "selective"}),
+                    core_attention=ModuleSpec(module=SDPAttention, params={"recompute": recompute == "selective",
+                                                                           "rope_base": rope_base}),
                     linear_proj=FusedBiasRowParallelLinear,
                 ),
             ),
@@ -52,12 +54,13 @@ def decoder_layer_spec(drop_prob: float = 0.0, recompute: str = "none") -> Modul
     )
 
 
-def student_layer_specs(drop_probs: list[float], recompute: str = "none") -> list[ModuleSpec]:
-    return [decoder_layer_spec(p, recompute) for p in drop_probs]
+def student_layer_specs(drop_probs: list[float], recompute: str = "none",
+                        rope_base: float = 10000.0) -> list[ModuleSpec]:
+    return [decoder_layer_spec(p, recompute, rope_base) for p in drop_probs]
 
 
-def teacher_layer_specs(num_layers: int) -> list[ModuleSpec]:
-    return [decoder_layer_spec(0.0) for _ in range(num_layers)]
+def teacher_layer_specs(num_layers: int, rope_base: float = 10000.0) -> list[ModuleSpec]:
+    return [decoder_layer_spec(0.0, rope_base=rope_base) for _ in range(num_layers)]
 
 
 def transformer_config(

@@ -170,23 +170,21 @@ class DecoderPipe(torch.nn.Module):
         self.number = number
         self.layer = student.layers[number - 1]
         self.predictor = predictor
-        self._teacher = [teacher.layers[number - 1], teacher.rope]
-        self.rope = student.rope
+        self._teacher = [teacher.layers[number - 1]]  # a list: not registered, not trained
         self.pipeline = pipeline  # not a Module: read, never registered
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         h, h_t_bits, acc, mask_bits, micro = inputs
         plan, s = self.pipeline.plan, self.pipeline.settings
-        rotary = self.rope(mask_bits.size(1), h.device)  # the whole sequence, also when h is a slice of it
         dropped = plan.dropped(int(micro.item()))
         skip = self.number in dropped
         # 1. student forward with LayerDrop
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.number > plan.no_grad_prefix):
-            h, _ = self.layer(h, attention_mask=None, rotary_pos_emb=rotary, skip=skip)
+            h, _ = self.layer(h, attention_mask=None, skip=skip)
         if plan.training:
             # 2. teacher forward
             with torch.no_grad():
-                h_t, _ = self._teacher[0](from_bits(h_t_bits, s.dtype), attention_mask=None, rotary_pos_emb=rotary)
+                h_t, _ = self._teacher[0](from_bits(h_t_bits, s.dtype), attention_mask=None)
             h_t_bits = to_bits(h_t)
             # 3. this layer's alignment term
             if self.number in plan.aligned and not skip:

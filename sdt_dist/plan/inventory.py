@@ -74,8 +74,8 @@ def parameter_inventory(cfg: Config) -> list[ParamInfo]:
         parallel = dataclasses.replace(cfg.parallel, tensor=built_tp, pipeline=1, sequence_parallel=False)
         tconf = transformer_config(m, parallel, torch.float32)
         with torch.device("meta"):  # normal_() on meta tensors draws nothing: the caller's RNG is untouched
-            gpt = GPTModel(tconf, student_layer_specs([0.0] * m.num_layers), m.vocab_size, m.tie_embeddings,
-                           m.rope_base)
+            gpt = GPTModel(tconf, student_layer_specs([0.0] * m.num_layers, rope_base=m.rope_base), m.vocab_size,
+                           m.tie_embeddings)
             predictors = build_predictors(predictor_spec(), m.num_layers, m.hidden_size, m.init_std)
     frozen_end = frozen_layers_at(cfg.train.max_steps, cfg.distill, m.num_layers, cfg.train.max_steps)
     frozen_ids = {id(p) for p in frozen_parameters(gpt, frozen_end)}

@@ -15,8 +15,8 @@ def _loss_and_grads(megatron_path: bool):
     m = cfg.model
     with megatron_groups():
         torch.manual_seed(0)
-        gpt = GPTModel(transformer_config(m, cfg.parallel), student_layer_specs([0.0] * m.num_layers),
-                       m.vocab_size, m.tie_embeddings, m.rope_base)
+        gpt = GPTModel(transformer_config(m, cfg.parallel),
+                       student_layer_specs([0.0] * m.num_layers, rope_base=m.rope_base), m.vocab_size, m.tie_embeddings)
         with torch.no_grad():  # megatron-core starts biases at zero: make them count
             for name, p in gpt.named_parameters():
                 if name.endswith("bias"):

@@ -20,8 +20,8 @@ def _forward_backward(mode: str, dropout: float, seq: int, saved: list | None):
     cfg = make_cfg(f"model.dropout={dropout}", f"model.seq_length={seq}", "model.tie_embeddings=false")
     m = cfg.model
     torch.manual_seed(0)
-    gpt = GPTModel(transformer_config(m, cfg.parallel), student_layer_specs([0.0] * m.num_layers, mode),
-                   m.vocab_size, m.tie_embeddings, m.rope_base)
+    gpt = GPTModel(transformer_config(m, cfg.parallel), student_layer_specs([0.0] * m.num_layers, mode, m.rope_base),
+                   m.vocab_size, m.tie_embeddings)
     for p in list(gpt.embedding.parameters()) + list(gpt.layers[0].parameters()):
         p.requires_grad_(False)
     batch = random_batch(cfg, 1)

@@ -34,6 +34,13 @@ from sdt_dist.distill.losses import kd_loss, lm_loss  # noqa: E402
 TEMPERATURE = 2.0
 
 
+def separate_lm_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                   temperature: float, kd_weight: float, tp_group=None) -> fused_lm_kd.LmKd:
+    """What the fused pass replaces, with `lm_kd_losses`' signature: `lm_loss` and `kd_loss` apart (autograd)."""
+    lm, kd = lm_loss(logits, labels, mask, tp_group), kd_loss(logits, teacher_logits, mask, temperature, tp_group)
+    return fused_lm_kd.LmKd(lm + kd_weight * kd, lm.detach(), kd.detach())
+
+
 def fused_at(rev: str) -> Callable:
     """`lm_kd_losses` as commit `rev` wrote it."""
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:sdt_dist/distill/fused_lm_kd.py"],
@@ -63,22 +70,24 @@ def main() -> None:
     labels = torch.randint(0, args.vocab, (b, args.tokens // b), generator=g)
     mask = torch.ones(b, args.tokens // b)
 
-    def separate(x: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return lm_loss(x, labels, mask), kd_loss(x, zt, mask, TEMPERATURE)
+    # each arm: (LM + KD, LM, KD), LM + KD carrying the gradient
+    def separate(x: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, ...]:
+        return separate_lm_kd(x, zt, labels, mask, TEMPERATURE, 1.0)
 
     arms: dict[str, tuple[Callable, int | None]] = {"separate losses": (separate, None)}
     for k in (int(c) for c in args.chunks.split(",")):
-        arms[f"fused, chunk 2^{k}"] = (lambda x, c: fused_lm_kd.lm_kd_losses(x, zt, labels, mask, TEMPERATURE,
+        arms[f"fused, chunk 2^{k}"] = (lambda x, c: fused_lm_kd.lm_kd_losses(x, zt, labels, mask, TEMPERATURE, 1.0,
                                                                              chunk_tokens=c),
                                        max(1, 2**k // args.vocab))
-    if args.against:
+    if args.against:  # a commit before 2026-12-06's kd_weight: the pass returned (LM, KD), both differentiable
         old = fused_at(args.against)
-        arms[f"fused as at {args.against}"] = (lambda x, c: old(x, zt, labels, mask, TEMPERATURE), None)
+        arms[f"fused as at {args.against}"] = (lambda x, c: (lambda lm, kd: (lm + kd, lm, kd))(
+            *old(x, zt, labels, mask, TEMPERATURE)), None)
 
     def run(f: Callable, chunk: int | None) -> tuple[float, float]:
         x = z.detach().requires_grad_(True)
-        lm, kd = f(x, chunk)
-        (lm + kd).backward()
+        total, lm, kd = f(x, chunk)
+        total.backward()
         return lm.item(), kd.item()
 
     ref = run(*arms["separate losses"])

@@ -235,17 +235,12 @@ def memory(args: argparse.Namespace, arm: str) -> dict[str, float]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _separate_lm_kd(logits, teacher_logits, labels, mask, temperature, tp_group):
-    from sdt_dist.distill import losses
-
-    return (losses.lm_loss(logits, labels, mask, tp_group),
-            losses.kd_loss(logits, teacher_logits, mask, temperature, tp_group))
-
-
 def levers(args: argparse.Namespace) -> None:
     """Plain step with DeepSpeed's gradient all-reduce restored, with torch's CPU default AdamW kernel, with
     torch's cross-entropy for the LM term; SD step with the separate LM and KD losses restored; each against the
     same step with the lever (one process, interleaved)."""
+    from fused_loss import separate_lm_kd
+
     import sdt_dist.train_module as ts
     from sdt_dist.distill import losses
 
@@ -270,7 +265,7 @@ def levers(args: argparse.Namespace) -> None:
     _, sd = our_arm(make_cfg(args, *NO_FREEZE), None)
 
     def sd_separate(batch: dict[str, torch.Tensor], i: int) -> None:
-        fused, ts.lm_kd_losses = ts.lm_kd_losses, _separate_lm_kd
+        fused, ts.lm_kd_losses = ts.lm_kd_losses, separate_lm_kd
         try:
             sd(batch, i)
         finally:

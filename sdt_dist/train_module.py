@@ -224,15 +224,17 @@ class SDTrainModule:
         # 2. teacher forward (no grad, no dropout, no LayerDrop), from the shared trunk up
         if d.lambda_kd > 0 or predictions:
             teacher = self.teacher(tokens, trunk=trunk)
-            # 3. LM and KD in one pass over the logits, then the alignment terms
-            terms["lm"], terms["kd"] = lm_kd_losses(logits, teacher.logits, labels, mask, d.temperature, tp_group)
+            # 3. LM and KD in one pass over the logits (LM + lambda_KD * KD, and each apart), then the alignment
+            lm_kd = lm_kd_losses(logits, teacher.logits, labels, mask, d.temperature, d.lambda_kd, tp_group)
+            terms["lm"], terms["kd"] = lm_kd.lm, lm_kd.kd
             sp_group = tp_group if self.cfg.parallel.sequence_parallel else None
             terms["align"] = losses.align_loss(predictions, teacher.hidden, self.layer_map, mask, sp_group,
                                                reduce=d.align_reduce)
+            weighted = lm_kd.weighted
         else:
-            terms["lm"] = fused_lm_loss(logits, labels, mask, tp_group)  # the same pass, LM alone
+            weighted = terms["lm"] = fused_lm_loss(logits, labels, mask, tp_group)  # the same pass, LM alone
             terms["kd"] = terms["align"] = torch.zeros((), device=logits.device)
-        terms["total"] = losses.combine_losses(terms["lm"], terms["kd"], terms["align"], d)
+        terms["total"] = losses.combine_losses(weighted, terms["align"], d)
         return terms
 
     def _micro_batches(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> BatchResult:

@@ -35,7 +35,8 @@ def test_non_finite_loss_skips_the_step_everywhere(single_rank, monkeypatch, pla
     monkeypatch.setattr(step_module, "fused_lm_loss", lambda *a, **k: real_lm_loss(*a, **k) * float("nan"))
     real_fused = step_module.lm_kd_losses
     monkeypatch.setattr(step_module, "lm_kd_losses",
-                        lambda *a, **k: (lambda lm, kd: (lm * float("nan"), kd))(*real_fused(*a, **k)))
+                        lambda *a, **k: (lambda r: r._replace(weighted=r.weighted * float("nan"),
+                                                               lm=r.lm * float("nan")))(real_fused(*a, **k)))
     res = train_step(tm, [random_batch(cfg, 1)], 1)
     assert res.skipped
     assert all(torch.equal(a, b) for a, b in zip(before, full_student_params(tm)))

@@ -3,21 +3,24 @@
 Separately, `losses.lm_loss` and `losses.kd_loss` each take a log-softmax of the student's full-vocabulary
 logits and autograd keeps three [tokens, vocab] tensors alive for backward (the two log-softmax outputs and
 the teacher's probabilities). Here one pass, chunked over tokens so that temporaries stay bounded, computes
-both losses and keeps only what their gradients need:
-  d LM / dz = w * (softmax(z) - onehot(label)),  d KD / dz = w * T * (softmax(z / T) - softmax(z_T / T))
-(w = loss mask / number of tokens), i.e. softmax(z) and the probability difference: two tensors, written
-in place into one gradient in backward. Per chunk, one max per tensor serves both temperatures, and the KL
-is one dot product per token against log-sum-exps (no [tokens, vocab] log-probabilities). Logits stay
-vocab-parallel under TP: the softmax statistics (max, sum of exponentials, the label's logit, the KL dot
-product) are all-reduced over the TP group as plain values, and the backward needs no communication (each
-rank's gradient is its own vocabulary slice).
-Without KD (a plain step) the same pass keeps softmax(z) alone and writes the gradient into it: against
-torch's cross-entropy (a log-softmax kept for backward, then a zero-filled [tokens, vocab] gradient and the
-log-softmax's backward) half the time at V = 8k and 32k (docs/performance.md).
-Same values as `lm_loss` and `kd_loss` up to float rounding (tests/distill/test_fused_lm_kd.py).
+both losses and their weighted sum LM + lambda_KD * KD, whose gradient
+  w * (softmax(z) - onehot(label)) + lambda_KD * w * T * (softmax(z / T) - softmax(z_T / T))
+(w = loss mask / number of tokens) it keeps as one fp32 [tokens, vocab] tensor, the probabilities with the
+KD term folded in at its weight, less the one-hot, which backward scatters into it in place. Per chunk, one
+max per tensor serves both temperatures, and the KL is one dot product per token against log-sum-exps (no
+[tokens, vocab] log-probabilities). Logits stay vocab-parallel under TP: the softmax statistics (max, sum
+of exponentials, the label's logit, the KL dot product) are all-reduced over the TP group as plain values,
+and the backward needs no communication (each rank's gradient is its own vocabulary slice).
+Without KD (a plain step) the same pass keeps softmax(z) alone: against torch's cross-entropy (a log-softmax
+kept for backward, then a zero-filled [tokens, vocab] gradient and the log-softmax's backward) half the time
+at V = 8k and 32k (docs/performance.md).
+Same values and gradient as `lm_loss` + lambda_KD * `kd_loss` up to float rounding
+(tests/distill/test_fused_lm_kd.py).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,11 +47,17 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | N
         dist.all_reduce(x, op=op, group=group)
 
 
+class LmKd(NamedTuple):
+    weighted: torch.Tensor  # LM + kd_weight * KD: the term that carries the gradient
+    lm: torch.Tensor  # LM alone, a value (for the logs)
+    kd: torch.Tensor  # T^2 * KL alone, a value (zero without a teacher)
+
+
 class _LmKd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                loss_mask: torch.Tensor, temperature: float, tp_group: dist.ProcessGroup | None,
-                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                loss_mask: torch.Tensor, temperature: float, kd_weight: float, tp_group: dist.ProcessGroup | None,
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         kd = teacher_logits is not None  # else the LM term alone (a plain step)
         ctx.swap = sequence_major(logits)
         if ctx.swap:
@@ -63,11 +72,11 @@ class _LmKd(torch.autograd.Function):
         owned = (local >= 0) & (local < vocab)
         local = local.clamp(0, vocab - 1)
         mask = loss_mask.reshape(-1).float()
-        p1 = torch.empty(n, vocab, dtype=torch.float32, device=logits.device)  # softmax(z)
-        diff = torch.empty_like(p1) if kd else None  # softmax(z / T) - softmax(z_T / T)
+        # softmax(z) + kd_weight * T * (softmax(z / T) - softmax(z_T / T)): the gradient, less the one-hot
+        grad = torch.empty(n, vocab, dtype=torch.float32, device=logits.device)
         lm_tok = torch.empty(n, dtype=torch.float32, device=logits.device)
         kl_tok = torch.zeros_like(lm_tok)
-        inv_t = 1.0 / temperature
+        inv_t, fold = 1.0 / temperature, kd_weight * temperature
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             z = z_all[s:e].float()
@@ -76,10 +85,10 @@ class _LmKd(torch.autograd.Function):
             # the indices, 7x slower)
             peak = torch.stack([z.amax(-1), t.amax(-1)]) if kd else z.amax(-1)[None]
             _all_reduce(peak, dist.ReduceOp.MAX, tp_group)
-            torch.sub(z, peak[0, :, None], out=p1[s:e]).exp_()
-            stats = [p1[s:e].sum(-1), z.gather(1, local[s:e, None]).squeeze(1) * owned[s:e]]
+            p1 = torch.sub(z, peak[0, :, None], out=grad[s:e]).exp_()
+            stats = [p1.sum(-1), z.gather(1, local[s:e, None]).squeeze(1) * owned[s:e]]
             if kd:
-                es = torch.add(-inv_t * peak[0, :, None], z, alpha=inv_t, out=diff[s:e]).exp_()  # exp(z/T - max/T)
+                es = torch.add(-inv_t * peak[0, :, None], z, alpha=inv_t).exp_()  # exp(z/T - max/T)
                 et = torch.add(-inv_t * peak[1, :, None], t, alpha=inv_t).exp_()
                 # KL(p_T || p_S) = sum_v p_T (z_T - z) / T - lse(z_T / T) + lse(z / T), with p_T = et / sum(et):
                 # one dot product per token; the sums (and the dot) over this rank's vocabulary slice
@@ -87,29 +96,29 @@ class _LmKd(torch.autograd.Function):
             sums = torch.stack(stats)
             _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
             lm_tok[s:e] = peak[0] + sums[0].log() - sums[1]
-            p1[s:e] /= sums[0, :, None]
+            p1 /= sums[0, :, None]
             if kd:
                 # lse(z / T) - lse(z_T / T), each term's max apart: their difference is small where the KL is
                 kl_tok[s:e] = inv_t * (sums[4] / sums[3] + peak[0] - peak[1]) + (sums[2] / sums[3]).log()
-                es.div_(sums[2, :, None]).addcmul_(et, (-1.0 / sums[3])[:, None])
+                if fold:
+                    p1.addcmul_(es, (fold / sums[2])[:, None]).addcmul_(et, (-fold / sums[3])[:, None])
         count = mask.sum().clamp(min=1.0)
         ctx.save_for_backward(local, owned, mask / count)
-        ctx.p1, ctx.diff, ctx.temperature, ctx.shape = p1, diff, temperature, logits.shape
-        ctx.dtype = logits.dtype
-        return (lm_tok * mask).sum() / count, temperature**2 * (kl_tok * mask).sum() / count
+        ctx.grad, ctx.shape, ctx.dtype = grad, logits.shape, logits.dtype
+        lm, kd_value = (lm_tok * mask).sum() / count, temperature**2 * (kl_tok * mask).sum() / count
+        ctx.mark_non_differentiable(lm, kd_value)
+        return lm + kd_weight * kd_value, lm, kd_value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_lm: torch.Tensor, grad_kd: torch.Tensor):
+    def backward(ctx, upstream: torch.Tensor, _lm: torch.Tensor, _kd: torch.Tensor):
         local, owned, w = ctx.saved_tensors
-        grad = ctx.p1  # reused in place: this backward runs once
-        grad.mul_((grad_lm * w)[:, None])
-        if ctx.diff is not None:
-            grad.add_(ctx.diff.mul_((grad_kd * ctx.temperature * w)[:, None]))
-        grad.scatter_add_(1, local[:, None], -(grad_lm * w * owned)[:, None])
-        ctx.p1 = ctx.diff = None
+        grad = ctx.grad  # written in place: this backward runs once
+        ctx.grad = None
+        grad.mul_((upstream * w)[:, None])
+        grad.scatter_add_(1, local[:, None], -(upstream * w * owned)[:, None])
         grad = grad.view(ctx.shape).to(ctx.dtype)
-        return grad.transpose(0, 1) if ctx.swap else grad, None, None, None, None, None, None
+        return grad.transpose(0, 1) if ctx.swap else grad, None, None, None, None, None, None, None
 
 
 def _chunk(logits: torch.Tensor, chunk_tokens: int | None) -> int:
@@ -121,16 +130,17 @@ def _tp(tp_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
 
 
 def lm_kd_losses(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                 temperature: float, tp_group: dist.ProcessGroup | None = None,
-                 chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(LM, T^2 * KL(softmax(z_T/T) || softmax(z_S/T))), each a mean over non-padding tokens, from vocab-parallel
-    logits [b, s, V/tp]; the gradient reaches the student's logits only."""
-    return _LmKd.apply(logits, teacher_logits, labels, loss_mask, temperature, _tp(tp_group),
-                       _chunk(logits, chunk_tokens))
+                 temperature: float, kd_weight: float, tp_group: dist.ProcessGroup | None = None,
+                 chunk_tokens: int | None = None) -> LmKd:
+    """LM + kd_weight * T^2 * KL(softmax(z_T/T) || softmax(z_S/T)), with each term's value, each a mean over
+    non-padding tokens, from vocab-parallel logits [b, s, V/tp]; the gradient (of `weighted`) reaches the student's
+    logits only."""
+    return LmKd(*_LmKd.apply(logits, teacher_logits, labels, loss_mask, temperature, kd_weight, _tp(tp_group),
+                             _chunk(logits, chunk_tokens)))
 
 
 def fused_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
                   tp_group: dist.ProcessGroup | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
     """The LM term of the same pass alone (a step without KD): `losses.lm_loss`'s value and gradient, in two
     passes over the logits forward and one backward, writing its gradient into the softmax it kept."""
-    return _LmKd.apply(logits, None, labels, loss_mask, 1.0, _tp(tp_group), _chunk(logits, chunk_tokens))[0]
+    return _LmKd.apply(logits, None, labels, loss_mask, 1.0, 0.0, _tp(tp_group), _chunk(logits, chunk_tokens))[0]

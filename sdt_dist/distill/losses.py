@@ -23,10 +23,12 @@ class LossWeights(Protocol):
     lambda_sd: float
 
 
-def combine_losses(lm: torch.Tensor, kd: torch.Tensor, align: torch.Tensor, weights: LossWeights) -> torch.Tensor:
-    """The total loss LM + lambda_KD * KD + lambda_SD * alignment, written here only: every layout (one
-    micro-batch at a time, or the last pipeline stage) combines its terms with this."""
-    return lm + weights.lambda_kd * kd + weights.lambda_sd * align
+def combine_losses(lm_kd: torch.Tensor, align: torch.Tensor, weights: LossWeights) -> torch.Tensor:
+    """The total loss LM + lambda_KD * KD + lambda_SD * alignment, formed here only: every layout (one
+    micro-batch at a time, or the last pipeline stage) combines its terms with this. `lm_kd` is LM + lambda_KD
+    * KD as the fused pass weighs it (`fused_lm_kd.lm_kd_losses`, with weights.lambda_kd): it folds KD's gradient
+    into LM's, so that one [tokens, vocab] tensor is kept for backward, not two."""
+    return lm_kd + weights.lambda_sd * align
 
 
 def _local_tokens(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sdt_dist.config import ConfigError, load_config
+from sdt_dist.config import ConfigError
 from sdt_dist.eval.sweep_spec import Arm, SweepSpec, arms, load_spec
 from sdt_dist.eval.sweep_tables import write_outputs
 from sdt_dist.paths import default_accelerator_env
@@ -51,7 +51,7 @@ _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 def prepare_data(spec: SweepSpec) -> None:
     """Prepare the base config's corpus once, before any arm: arms then train with data.source unset, so
     the train/valid split is fixed by the base config's seed, not by each arm's train.seed."""
-    cfg = load_config(spec.base, spec.overrides)
+    cfg = spec.base_config()
     if cfg.data.source is None:
         return
     from sdt_dist.data.prepare import prepare_configured

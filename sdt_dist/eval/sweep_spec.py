@@ -54,6 +54,10 @@ class SweepSpec:
     launcher: str = DEFAULT_LAUNCHER
     records: Path | None = None  # where each evaluated arm's result is kept beyond its run directory
 
+    def base_config(self) -> Config:
+        """The base config with the sweep-wide overrides (each arm adds its own to these)."""
+        return load_config(self.base, self.overrides)
+
 
 def _expand(value: Any) -> Any:
     if isinstance(value, str):
@@ -188,7 +192,7 @@ def arms(spec: SweepSpec, variants: list[str] | None = None, seeds: list[int] | 
     order; a train_as variant's training arm comes along."""
     wanted = list(spec.variants) if variants is None else variants
     needed = {spec.variants[v].train_as for v in wanted if spec.variants[v].train_as} | set(wanted)
-    base_cfg = load_config(spec.base, spec.overrides)  # fail early on a bad base
+    base_cfg = spec.base_config()  # fail early on a bad base
     data_fixed = ["data.source=null"] if base_cfg.data.source is not None else []
     out = []
     for name, v in sorted(spec.variants.items(), key=lambda item: item[1].train_as is not None):

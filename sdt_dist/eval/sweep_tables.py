@@ -130,7 +130,7 @@ def pruning_plots(spec: SweepSpec, agg: dict[str, Any]) -> list[Path]:
     from sdt_dist.eval.report import pruning_plot
 
     paths = []
-    num_layers = load_config(spec.base, spec.overrides).model.num_layers
+    num_layers = spec.base_config().model.num_layers
     for table in spec.tables:
         if not table.pruning_plot:
             continue

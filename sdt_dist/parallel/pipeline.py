@@ -103,10 +103,10 @@ class Pipeline:
             self._terms.append(torch.stack([lm, lm, zero, zero]).detach())
             return lm
         # LM and KD in one pass over the logits, as without PP
-        lm, kd = lm_kd_losses(logits, t_logits, target, mask, s.temperature, s.tp_group)
+        lm_kd = lm_kd_losses(logits, t_logits, target, mask, s.temperature, s.weights.lambda_kd, s.tp_group)
         align = acc.sum()
-        total = losses.combine_losses(lm, kd, align, s.weights)
-        self._terms.append(torch.stack([total, lm, kd, align]).detach())
+        total = losses.combine_losses(lm_kd.weighted, align, s.weights)
+        self._terms.append(torch.stack([total, lm_kd.lm, lm_kd.kd, align]).detach())
         return total
 
     def train_batch(self, engine, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan,

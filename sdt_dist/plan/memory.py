@@ -245,11 +245,11 @@ def micro_batch_activations(cfg: Config, lay: Layout, prec: Precision, stage: in
         vocab = s * b * m.vocab_size // t
         # student and teacher logits (compute dtype) and the final norm's input and output, then the losses
         total += 2 * e * vocab + 2 * e * sbh
-        # fused LM + KD (`distill/fused_lm_kd.py`, also on the pipeline's last stage): softmax(z) and the
-        # probability difference in fp32, and at most 2 fp32 chunk temporaries at once (4 when the logits need
-        # fp32 copies)
+        # fused LM + KD (`distill/fused_lm_kd.py`, also on the pipeline's last stage): the gradient it keeps (the
+        # probabilities with KD's term folded in) in fp32, and at most 3 fp32 chunk temporaries at once (5 when
+        # the logits need fp32 copies)
         chunk = min(vocab, max(1, prec.loss_chunk // (m.vocab_size // t)) * (m.vocab_size // t))
-        total += 2 * 4 * vocab + (2 if e == 4 else 4) * 4 * chunk
+        total += 4 * vocab + (3 if e == 4 else 5) * 4 * chunk
     return total
 
 

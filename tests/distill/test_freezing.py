@@ -120,8 +120,10 @@ def test_without_alignment_the_predictors_get_no_optimizer_state_and_stay_as_bui
 
 def test_a_run_without_alignment_resumes_a_checkpoint_that_still_trained_its_predictors(single_rank, tmp_path):
     """Checkpoints written before the predictors of such a run left the optimizer hold their Adam state (and
-    no `predictors_trained` key): the resume puts them back in, so DeepSpeed's parameter groups match."""
+    no `predictors_trained` key): the resume puts them back in, so DeepSpeed's parameter groups match; so does
+    the resume at another layout, which reads the whole optimizer state instead (`checkpoint/relayout.py`)."""
     from sdt_dist import checkpoint
+    from sdt_dist.checkpoint.relayout import load_at_new_layout
     from sdt_dist.train_module import SDTrainModule
     from sdt_dist.train_step import train_step
 
@@ -141,5 +143,9 @@ def test_a_run_without_alignment_resumes_a_checkpoint_that_still_trained_its_pre
     assert not new.predictors_trained
     checkpoint.load(new, path)
     assert new.predictors_trained
+    moved = SDTrainModule(cfg, single_rank)
+    load_at_new_layout(moved, path)
+    assert moved.predictors_trained
     ref, got = train_step(old, [random_batch(cfg, 2)], 2), train_step(new, [random_batch(cfg, 2)], 2)
     assert got.loss == ref.loss
+    assert train_step(moved, [random_batch(cfg, 2)], 2).loss == ref.loss

@@ -26,10 +26,11 @@ def test_fused_equals_separate_losses_values_and_gradients(chunk, temperature, c
     ref_lm, ref_kd = lm_loss(ref_in, labels, mask), kd_loss(ref_in, zt, mask, temperature)
     (ref_lm + 0.7 * ref_kd).backward()  # the separate losses on float64 logits: the reference
     got_in = zs.float().requires_grad_(True)
-    lm, kd = lm_kd_losses(got_in, zt.float(), labels, mask, temperature, chunk_tokens=chunk)
-    (lm + 0.7 * kd).backward()
+    lm, kd = (out := lm_kd_losses(got_in, zt.float(), labels, mask, temperature, 0.7, chunk_tokens=chunk)).lm, out.kd
+    out.weighted.backward()  # LM + 0.7 KD: KD's gradient folded into LM's
     torch.testing.assert_close(lm.double(), ref_lm.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kd.double(), ref_kd.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.weighted.double(), (ref_lm + 0.7 * ref_kd).double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-5, atol=1e-7)
     assert got_in.grad.shape == zs.shape and got_in.grad[1, 4:].abs().max() == 0  # padding gets no gradient
 
@@ -53,12 +54,14 @@ def test_fused_lm_alone_equals_lm_loss_value_and_gradient(chunk, contiguous):
 
 def test_fused_kd_is_zero_for_a_teacher_equal_to_the_student_and_reaches_the_student_only():
     zs, _, labels, mask = _inputs(1)
-    z = zs.float().requires_grad_(True)
+    z, z_lm = zs.float().requires_grad_(True), zs.float().requires_grad_(True)
     teacher = zs.float().clone().requires_grad_(True)
-    lm, kd = lm_kd_losses(z, teacher, labels, mask, 2.0, chunk_tokens=5)
-    assert abs(kd.item()) < 1e-6
-    kd.backward()
-    assert teacher.grad is None and z.grad.abs().max() < 1e-6  # KD alone: zero gradient at its minimum
+    out = lm_kd_losses(z, teacher, labels, mask, 2.0, 3.0, chunk_tokens=5)
+    assert abs(out.kd.item()) < 1e-6 and not out.kd.requires_grad and not out.lm.requires_grad
+    out.weighted.backward()
+    fused_lm_loss(z_lm, labels, mask, chunk_tokens=5).backward()
+    # KD at its minimum adds no gradient to LM's, and none reaches the teacher
+    assert teacher.grad is None and (z.grad - z_lm.grad).abs().max() < 1e-6
 
 
 def test_fused_kd_keeps_its_precision_for_a_teacher_close_to_the_student():
@@ -70,6 +73,6 @@ def test_fused_kd_keeps_its_precision_for_a_teacher_close_to_the_student():
     labels, mask = torch.randint(0, 4096, (2, 32), generator=g), torch.ones(2, 32)
     log_ps, log_pt = torch.log_softmax(zs / 2.0, -1), torch.log_softmax(zt / 2.0, -1)
     ref = 4.0 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()  # in float64
-    _, kd = lm_kd_losses(zs.float(), zt.float(), labels, mask, 2.0, chunk_tokens=24)
+    kd = lm_kd_losses(zs.float(), zt.float(), labels, mask, 2.0, 1.0, chunk_tokens=24).kd
     assert 1e-4 < ref.item() < 1e-2
     torch.testing.assert_close(kd.double(), ref, rtol=4e-5, atol=0.0)  # summing two dot products: 7e-5

@@ -57,7 +57,7 @@ def _losses(dims, g: torch.Generator) -> dict[str, float]:
     mine = slice(dims.tp_rank * width, (dims.tp_rank + 1) * width)
     errors = {}
     fns = {"lm": lambda z, t, grp: fused_lm_loss(z, labels, mask, grp, chunk_tokens=4),
-           "lm_kd": lambda z, t, grp: sum(lm_kd_losses(z, t, labels, mask, 2.0, grp, chunk_tokens=4))}
+           "lm_kd": lambda z, t, grp: lm_kd_losses(z, t, labels, mask, 2.0, 0.7, grp, chunk_tokens=4).weighted}
     for name, loss in fns.items():
         full = logits.clone().requires_grad_(True)
         ref = loss(full.transpose(0, 1), teacher, None)  # megatron's [s, b, V] seen as [b, s, V]

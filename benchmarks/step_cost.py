@@ -49,13 +49,16 @@ sys.path.insert(0, str(REPO))
 from sdt_dist.config import Config, load_config  # noqa: E402
 from sdt_dist.distill.schedules import frozen_layers_at  # noqa: E402
 
-SHAPES = {  # the two shapes of issue 12
+# the two shapes of issue 12, and a tiny one that only checks that the script runs (tests/test_benchmarks.py)
+SHAPES = {
     "small": ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4",
               "model.vocab_size=8000", "model.seq_length=128", "train.micro_batch_size=8",
               "train.global_batch_size=8"],
     "large": ["model.num_layers=12", "model.hidden_size=512", "model.num_attention_heads=8",
               "model.vocab_size=32000", "model.seq_length=256", "train.micro_batch_size=4",
               "train.global_batch_size=4"],
+    "tiny": ["model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "model.vocab_size=256",
+             "model.seq_length=16", "train.micro_batch_size=2", "train.global_batch_size=2"],
 }
 COMMON = ["model.dropout=0", "model.tie_embeddings=false", "parallel.zero_stage=0", "parallel.ds_config=null",
           "data.prepared=[unused]", "train.warmup_steps=0"]

@@ -22,6 +22,7 @@ from sdt_dist.paths import expand_vars
 
 OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")  # train.optimizer_impl: torch AdamW's kernels
 
+
 class ConfigError(ValueError):
     """A config value or combination is invalid; the message names the key."""
 

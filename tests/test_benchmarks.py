@@ -12,7 +12,7 @@ from tests.helpers import REPO, worker_env
 
 pytestmark = pytest.mark.slow  # separate processes
 
-TINY = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--threads", "1"]
+SMOKE = ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--threads", "1"]
 
 
 def _run(*args: str) -> str:
@@ -23,7 +23,7 @@ def _run(*args: str) -> str:
 
 
 def test_step_cost_prints_every_arm_ratio_and_memory():
-    out = _run("benchmarks/step_cost.py", *TINY)
+    out = _run("benchmarks/step_cost.py", *SMOKE)
     for row in ("| peer plain |", "| peer naive SD |", "| peer plain, fused AdamW", "| ours plain |",
                 "| ours SD, no freezing, no LayerDrop |", "| ours SD without alignment",
                 "| ours SD, steps 30-99: 1 frozen", "schedule-averaged SD step (FLOPs)", "EMA update:",
@@ -32,10 +32,10 @@ def test_step_cost_prints_every_arm_ratio_and_memory():
 
 
 def test_step_cost_levers_and_shared_trunk_modes_run():
-    out = _run("benchmarks/step_cost.py", *TINY, "--levers")
+    out = _run("benchmarks/step_cost.py", *SMOKE, "--levers")
     for lever in ("DeepSpeed all-reduce at DP=1", "for-loop AdamW", "torch cross-entropy", "separate LM and KD losses"):
         assert f"{lever} / with the lever" in out, lever
-    out = _run("benchmarks/step_cost.py", *TINY, "--trunk", "--set", "distill.freeze_embedding=true")
+    out = _run("benchmarks/step_cost.py", *SMOKE, "--trunk", "--set", "distill.freeze_embedding=true")
     assert "trunk shared true" in out and "shared / recomputed" in out
 
 

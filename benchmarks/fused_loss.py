@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -79,10 +80,13 @@ def main() -> None:
         arms[f"fused, chunk 2^{k}"] = (lambda x, c: fused_lm_kd.lm_kd_losses(x, zt, labels, mask, TEMPERATURE, 1.0,
                                                                              chunk_tokens=c),
                                        max(1, 2**k // args.vocab))
-    if args.against:  # a commit before 2026-12-06's kd_weight: the pass returned (LM, KD), both differentiable
+    if args.against:
         old = fused_at(args.against)
-        arms[f"fused as at {args.against}"] = (lambda x, c: (lambda lm, kd: (lm + kd, lm, kd))(
-            *old(x, zt, labels, mask, TEMPERATURE)), None)
+        if "kd_weight" in inspect.signature(old).parameters:
+            arms[f"fused as at {args.against}"] = (lambda x, c: tuple(old(x, zt, labels, mask, TEMPERATURE, 1.0)), None)
+        else:  # before 2026-12-06's kd_weight the pass returned (LM, KD), both differentiable
+            arms[f"fused as at {args.against}"] = (lambda x, c: (lambda lm, kd: (lm + kd, lm, kd))(
+                *old(x, zt, labels, mask, TEMPERATURE)), None)
 
     def run(f: Callable, chunk: int | None) -> tuple[float, float]:
         x = z.detach().requires_grad_(True)

@@ -77,10 +77,14 @@ class _LmKd(torch.autograd.Function):
         lm_tok = torch.empty(n, dtype=torch.float32, device=logits.device)
         kl_tok = torch.zeros_like(lm_tok)
         inv_t, fold = 1.0 / temperature, kd_weight * temperature
+        # the chunks' temporaries, allocated once: exp(z / T), exp(z_T / T), z_T - z, and fp32 copies of other logits
+        casts = 0 if logits.dtype == torch.float32 else 1 + kd
+        scratch = torch.empty(3 * kd + casts, min(n, chunk), vocab, dtype=torch.float32, device=logits.device)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z = z_all[s:e].float()
-            t = t_all[s:e].float() if kd else None
+            tmp = scratch[:, :e - s]
+            z = tmp[3 * kd].copy_(z_all[s:e]) if casts else z_all[s:e]
+            t = (tmp[4].copy_(t_all[s:e]) if casts else t_all[s:e]) if kd else None
             # max(z / T) = max(z) / T: one max per tensor serves both temperatures (amax: max(-1) also finds
             # the indices, 7x slower)
             peak = torch.stack([z.amax(-1), t.amax(-1)]) if kd else z.amax(-1)[None]
@@ -88,11 +92,11 @@ class _LmKd(torch.autograd.Function):
             p1 = torch.sub(z, peak[0, :, None], out=grad[s:e]).exp_()
             stats = [p1.sum(-1), z.gather(1, local[s:e, None]).squeeze(1) * owned[s:e]]
             if kd:
-                es = torch.add(-inv_t * peak[0, :, None], z, alpha=inv_t).exp_()  # exp(z/T - max/T)
-                et = torch.add(-inv_t * peak[1, :, None], t, alpha=inv_t).exp_()
+                es = torch.add(-inv_t * peak[0, :, None], z, alpha=inv_t, out=tmp[0]).exp_()  # exp(z/T - max/T)
+                et = torch.add(-inv_t * peak[1, :, None], t, alpha=inv_t, out=tmp[1]).exp_()
                 # KL(p_T || p_S) = sum_v p_T (z_T - z) / T - lse(z_T / T) + lse(z / T), with p_T = et / sum(et):
                 # one dot product per token; the sums (and the dot) over this rank's vocabulary slice
-                stats += [es.sum(-1), et.sum(-1), torch.linalg.vecdot(et, t - z)]
+                stats += [es.sum(-1), et.sum(-1), torch.sub(t, z, out=tmp[2]).mul_(et).sum(-1)]
             sums = torch.stack(stats)
             _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
             lm_tok[s:e] = peak[0] + sums[0].log() - sums[1]

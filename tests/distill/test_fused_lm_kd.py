@@ -52,6 +52,29 @@ def test_fused_lm_alone_equals_lm_loss_value_and_gradient(chunk, contiguous):
     assert got_in.grad.shape == zs.shape and got_in.grad[1, 4:].abs().max() == 0  # padding gets no gradient
 
 
+@pytest.mark.parametrize("kd", [True, False])
+def test_fused_pass_on_bf16_logits_computes_in_fp32(kd):
+    """bf16 logits (a bf16 run) are copied chunk by chunk into fp32 scratch: the values are those of the same
+    logits in float64, and the gradient comes back in bf16, rounded once."""
+    zs, zt, labels, mask = _inputs(4)
+    zs, zt = zs.bfloat16(), zt.bfloat16()
+    ref_in = zs.double().requires_grad_(True)
+    ref_lm = lm_loss(ref_in, labels, mask)
+    ref = ref_lm + 0.7 * kd_loss(ref_in, zt.double(), mask, 2.0) if kd else ref_lm
+    ref.backward()
+    got_in = zs.clone().requires_grad_(True)
+    if kd:
+        out = lm_kd_losses(got_in, zt, labels, mask, 2.0, 0.7, chunk_tokens=4)
+        total, lm = out.weighted, out.lm
+    else:
+        total = lm = fused_lm_loss(got_in, labels, mask, chunk_tokens=4)
+    total.backward()
+    torch.testing.assert_close(lm.double(), ref_lm.double(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(total.double(), ref.detach().double(), rtol=1e-6, atol=1e-6)
+    assert got_in.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got_in.grad.double(), ref_in.grad.bfloat16().double(), rtol=2**-7, atol=1e-6)
+
+
 def test_fused_kd_is_zero_for_a_teacher_equal_to_the_student_and_reaches_the_student_only():
     zs, _, labels, mask = _inputs(1)
     z, z_lm = zs.float().requires_grad_(True), zs.float().requires_grad_(True)

@@ -78,6 +78,11 @@ class DistillConfig:
     # freeze_embedding: with the embedding training, the teacher's is an EMA that differs from the student's and
     # nothing can be shared. Not under pipeline parallelism. None: on when model.dropout == 0.
     share_frozen_trunk: bool | None = None
+    # How the teacher's sharded weights are gathered over DP > 1 for its forward: "module" (one module at a time,
+    # for every micro-batch: the least memory) or "step" (the whole model once per optimizer step and kept for
+    # all its micro-batches: 1/accumulation-steps of the all-gather traffic, the whole teacher in the compute
+    # dtype held during the step). The same numbers either way.
+    teacher_gather: str = "module"
     layerdrop_p: float = 0.0
     layerdrop_schedule: str = "uniform"  # uniform | linear (p_l = p * l / L)
 
@@ -355,6 +360,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0.0 <= d.layerdrop_p < 1.0, "distill.layerdrop_p", f"must be in [0, 1), got {d.layerdrop_p}")
     _check(d.layerdrop_schedule in ("uniform", "linear"), "distill.layerdrop_schedule",
            "must be uniform or linear")
+    _check(d.teacher_gather in ("module", "step"), "distill.teacher_gather",
+           f"must be module or step, got {d.teacher_gather!r}")
     if d.share_frozen_trunk:  # asked for explicitly: refuse where it would be wrong, or share nothing
         _check(m.dropout == 0, "distill.share_frozen_trunk",
                f"needs model.dropout=0 (the student's prefix runs with dropout {m.dropout}, the teacher's without)")

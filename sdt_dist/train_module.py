@@ -165,11 +165,20 @@ class SDTrainModule:
             self._frozen_indices = (self.frozen, found)
         return self._frozen_indices[1]
 
-    def teacher_gather(self) -> str:
-        """How much of the teacher its forward holds whole at once (for the log)."""
+    def teacher_gather(self, accumulation_steps: int) -> str:
+        """How much of the teacher its forward holds whole at once, and over DP > 1 how much it all-gathers in a
+        step (for the log)."""
+        whole = self.teacher.full_numel()
+        per_step = accumulation_steps if self.pipeline is None and self.cfg.distill.teacher_gather == "module" else 1
+        moved = "" if self.dims.dp == 1 else (
+            f"; all-gathers {whole * per_step * self.dtype.itemsize / 2**30:.2f} GiB a step over {self.dims.dp} "
+            f"data-parallel ranks")
         if self.pipeline is not None:
-            return f"{self.teacher.full_numel():,} values at once (the whole stage, for each batch, {self.dtype})"
-        return f"{self.teacher.largest_unit_numel():,} values at once (one module at a time, {self.dtype})"
+            return f"{whole:,} values at once (the whole stage, for each batch, {self.dtype}){moved}"
+        if per_step == 1:
+            return f"{whole:,} values at once (the whole model, once per step, {self.dtype}){moved}"
+        return (f"{self.teacher.largest_unit_numel():,} values at once (one module at a time, for each micro-batch, "
+                f"{self.dtype}){moved}")
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Full student and teacher weights under GPTModel names (collective; complete on global rank 0)."""
@@ -200,7 +209,11 @@ class SDTrainModule:
         """Steps 1-4 of Algorithm 1 for one optimizer step: per micro-batch the student forward with LayerDrop,
         the teacher forward, the losses and backward; the optimizer steps at the accumulation boundary."""
         if self.pipeline is None:
-            return self._micro_batches(micro_batches, plan)
+            d = self.cfg.distill
+            if d.teacher_gather == "module" or not (d.lambda_kd > 0 or plan.aligned):
+                return self._micro_batches(micro_batches, plan)
+            with self.teacher.materialized():  # gathered once for all the step's micro-batches
+                return self._micro_batches(micro_batches, plan)
         with self.teacher.materialized():
             terms = self.pipeline.train_batch(self.engine, micro_batches, plan, self.dims)
         loss, lm, kd, align = terms.tolist()

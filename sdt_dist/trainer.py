@@ -121,7 +121,7 @@ class Trainer:
         log0(f"EMA teacher storage per rank: {teacher.local_numel():,} fp32 values "
              f"({teacher.local_numel() * 4 / 2**20:.1f} MiB) = 1/{dims.dp} of this stage's/TP shard's "
              f"{teacher.full_numel():,}")
-        log0(f"EMA teacher forward gathers at most {self.tm.teacher_gather()}")
+        log0(f"EMA teacher forward gathers at most {self.tm.teacher_gather(self.gas)}")
         self.metrics = MetricsLogger(self.run_dir, dims.is_main, cfg.logging.tensorboard,
                                      cfg.logging.wandb_project if cfg.logging.wandb else None, cfg.to_dict())
         self.peak_flops, source = peak_flops(self.tm.dtype, device(), cfg.logging.peak_flops)

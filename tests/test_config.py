@@ -22,6 +22,7 @@ def test_tiny_yaml_loads_with_overrides():
     ("distill.temperature=0", "distill.temperature"),
     ("distill.layerdrop_p=1", "distill.layerdrop_p"),
     ("distill.align_map=diagonal", "distill.align_map"),
+    ("distill.teacher_gather=layer", "distill.teacher_gather"),
     ("model.bogus=1", "model.bogus"),
     ("bogus.key=1", "bogus"),
     ("train.max_steps=abc", "train.max_steps"),

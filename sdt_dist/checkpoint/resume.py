@@ -19,13 +19,13 @@ from sdt_dist.checkpoint import complete_checkpoints, resolve
 from sdt_dist.checkpoint.integrity import CheckpointDamaged, verify
 from sdt_dist.config import ConfigError
 
-# Run length, LR peak and floor, cadences, paths, the AdamW kernel (the same state, equal steps up to rounding)
-# and logging may change on resume; data.source only names what `data.prepared` was built from (the tokenizer
-# hash is compared separately).
+# Run length, LR peak and floor, cadences, paths, the AdamW kernel (the same state, equal steps up to rounding),
+# how the teacher is gathered (the same numbers) and logging may change on resume; data.source only names what
+# `data.prepared` was built from (the tokenizer hash is compared separately).
 MAY_CHANGE = frozenset({
     "train.out_dir", "train.max_steps", "train.lr", "train.min_lr", "train.save_interval", "train.eval_interval",
     "train.eval_samples", "train.keep_checkpoints", "train.resume", "train.max_skipped_steps",
-    "train.save_full_optimizer", "train.optimizer_impl",
+    "train.save_full_optimizer", "train.optimizer_impl", "distill.teacher_gather",
     "data.source", "data.workers", "data.verify_checksums",
 })
 MAY_CHANGE_SECTIONS = ("logging.",)

@@ -9,10 +9,11 @@ matching slice of the student on the same rank, so it needs no communication:
 The teacher forward runs in eval mode (no dropout), without LayerDrop and without autograd, and, as
 ZeRO-3 does for the student, all-gathers one module at a time (the embedding, each layer, the final norm,
 the head) over the data-parallel group just before it runs and frees it right after: at most one layer's
-weights are whole at once. With a shared frozen trunk (`shared_trunk.py`) the embedding and the shared layers
-neither run nor are gathered (a tied head still gathers the embedding). A pipeline stage instead keeps its
-pieces gathered over a whole batch (`materialized`), since the engine interleaves their forwards with its own
-schedule.
+weights are whole at once. The slices travel in the compute dtype. With a shared frozen trunk
+(`shared_trunk.py`) the embedding and the shared layers neither run nor are gathered (a tied head still gathers
+the embedding). A pipeline stage instead keeps its pieces gathered over a whole batch (`materialized`), since
+the engine interleaves their forwards with its own schedule; `distill.teacher_gather=step` does the same
+without PP, so that accumulation steps do not each gather the model again.
 Parameters of frozen layers are copied (tau = 0), not averaged. Predictors are not part of the teacher.
 """
 
@@ -67,6 +68,7 @@ class EmaTeacher:
         self._release(0, len(self.params))
         self.units = _gather_units(module, self.params)
         self._by_unit = False  # set during `forward`: the hooks below gather and free unit by unit
+        self._held = False  # set inside `materialized`: every weight is whole already
         for unit, lo, hi in self.units:
             unit.register_forward_pre_hook(lambda _m, _args, lo=lo, hi=hi: self._unit_hook(self._materialize, lo, hi))
             unit.register_forward_hook(lambda _m, _args, _out, lo=lo, hi=hi: self._unit_hook(self._release, lo, hi))
@@ -117,13 +119,16 @@ class EmaTeacher:
         if dst_avg:
             torch._foreach_lerp_(dst_avg, src_avg, 1.0 - tau)
 
-    def _gather(self, lo: int, hi: int) -> torch.Tensor:
-        """[DP, n] of every rank's slices of parameters lo..hi-1 (a collective over the data-parallel group)."""
+    def _gather(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        """[DP, n] of every rank's slices of parameters lo..hi-1 (a collective over the data-parallel group), in
+        `dtype`: each rank casts its slice before it travels, so a bf16 forward moves half the bytes of the fp32
+        shard (the same values: the cast is elementwise). At DP = 1, the shard itself."""
         local = self.shard[self.offsets[lo]:self.offsets[hi - 1] + self.parts[hi - 1]]
         if self.dp_size == 1:
             return local.unsqueeze(0)
-        full = torch.empty(self.dp_size, local.numel(), dtype=local.dtype, device=local.device)
-        dist.all_gather(list(full.unbind(0)), local.contiguous(), group=self.dp_group)
+        full = torch.empty(self.dp_size, local.numel(), dtype=dtype, device=local.device)
+        mine = full[self.dp_rank].copy_(local)  # cast into this rank's row, then gathered in place
+        dist.all_gather_single(full.view(-1), mine, group=self.dp_group)
         return full
 
     def _unflatten(self, full: torch.Tensor, i: int, lo: int = 0) -> torch.Tensor:
@@ -132,10 +137,11 @@ class EmaTeacher:
         return chunk[:self.numels[i]].view(self.shapes[i])
 
     def _materialize(self, lo: int, hi: int) -> None:
-        full = self._gather(lo, hi)
+        full = self._gather(lo, hi, self.compute_dtype)
         for i in range(lo, hi):
             # With one DP rank in fp32 the weights are views of the shard itself: nothing is copied (the
-            # forward never writes them, and they are released before the next update).
+            # forward never writes them, and they are released before the next update). At one DP rank in
+            # 16 bits, cast here; over DP > 1 a parameter's slices lie in DP rows of `full`: one copy joins them.
             self.params[i].data = self._unflatten(full, i, lo).to(self.compute_dtype)
         whole = sum(p.numel() for p in self.params)
         self.peak_numel = max(self.peak_numel, whole)
@@ -150,16 +156,19 @@ class EmaTeacher:
 
     def full_parameters(self) -> list[torch.Tensor]:
         """Gathered fp32 teacher parameters (for tests and export; a collective over the DP group)."""
-        full = self._gather(0, len(self.params))
+        full = self._gather(0, len(self.params), torch.float32)
         return [self._unflatten(full, i).clone() for i in range(len(self.params))]
 
     @contextlib.contextmanager
     def materialized(self) -> Iterator[None]:
-        """All of this rank's teacher weights gathered for the duration (a pipeline stage, over a batch)."""
+        """All of this rank's teacher weights gathered for the duration (a pipeline stage, or with
+        `distill.teacher_gather=step`, over a batch): `forward` then gathers nothing."""
         self._materialize(0, len(self.params))
+        self._held = True
         try:
             yield
         finally:
+            self._held = False
             self._release(0, len(self.params))
 
     @property
@@ -172,6 +181,8 @@ class EmaTeacher:
         """The teacher's GPT forward, its weights gathered module by module. `trunk`: the student's output states
         of layers 1..j, which equal the teacher's (`distill/shared_trunk.py`): the embedding and those layers
         neither run nor are gathered."""
+        if self._held:
+            return self.module(tokens, trunk=trunk)
         self._by_unit, self.peak_numel = True, 0
         try:
             return self.module(tokens, trunk=trunk)

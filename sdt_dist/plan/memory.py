@@ -97,6 +97,7 @@ class StagePlan:
     inflight: int = 1  # micro-batches whose activations are alive at once (1F1B pipeline)
     forward_gradients: int = 0  # gradient bytes alive during a forward (kept buffers, accumulated gradients)
     init_peak: int = 0
+    teacher_all_gather: int = 0  # bytes the teacher's forwards all-gather in a step (DP > 1), own slices included
 
     @property
     def steady_peak(self) -> int:
@@ -265,10 +266,18 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     st.estimated["gradients"] = gradient_bytes(numel, lay, prec)
     st.estimated["optimizer_step"] = optimizer_step_bytes(params, lay, cfg.train.optimizer_impl)
     st.forward_gradients = forward_gradient_bytes(numel, lay, prec, gas)
-    # the teacher forward all-gathers fp32 slices (over DP > 1; else it reads its shard) and casts them (to 16
-    # bits): one module at a time, or the whole stage for a whole batch under PP
-    copies = (4 if lay.dp > 1 else 0) + (e if e != 4 else 0)
-    st.estimated["teacher_gathered"] = (teacher_whole if lay.pp > 1 else max(units)) * copies
+    # the teacher forward: over DP > 1 it all-gathers its slices in the compute dtype into one buffer (in place),
+    # then one copy joins each parameter's slices, both alive at the end of the gather; at DP = 1 it reads its
+    # fp32 shard (views in fp32, a 16-bit cast otherwise). One module at a time, in the middle of the step; or the
+    # whole stage once at its start, before any activation exists, and then only the joined copy is held (under PP
+    # or with distill.teacher_gather=step)
+    kept = e if lay.dp > 1 or e != 4 else 0
+    if lay.pp > 1 or cfg.distill.teacher_gather == "step":
+        st.estimated["teacher_gathered"] = teacher_whole * kept
+        st.teacher_all_gather = teacher_whole * e if lay.dp > 1 else 0
+    else:
+        st.estimated["teacher_gathered"] = max(units) * (2 * e if lay.dp > 1 else kept)
+        st.teacher_all_gather = teacher_whole * e * gas if lay.dp > 1 else 0  # every module, every micro-batch
     if lay.zero == 3:  # the module running and the one prefetched
         st.estimated["zero3_gathered"] = 2 * max(units) * e
     st.activation_per_micro = {r: micro_batch_activations(cfg, lay, prec, stage, r) for r in RECOMPUTE}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.helpers import ema_closed_form, make_cfg, run_probe
+from tests.helpers import ema_closed_form, make_cfg, read_json, run_probe, run_ranks
 
 NO_FREEZE = ["distill.freeze_milestones=[0.97,0.98,0.99]", "distill.freeze_fractions=[0.1,0.2,0.3]"]
 
@@ -77,3 +77,40 @@ def test_teacher_forward_gathers_one_module_at_a_time(single_rank):
     assert torch.equal(out.logits, whole.logits)
     assert out.hidden.keys() == whole.hidden.keys()
     assert all(torch.equal(out.hidden[k], whole.hidden[k]) for k in out.hidden)
+
+
+
+@pytest.fixture(scope="module")
+def gather_runs(tmp_path_factory):
+    """tests/workers/teacher_gather.py at DP = 2 in bf16, once per `distill.teacher_gather` mode."""
+    root = tmp_path_factory.mktemp("gather")
+    runs = {}
+    for mode in ("module", "step"):
+        run_ranks(2, "teacher_gather.py", str(root / f"{mode}.json"), mode)
+        runs[mode] = read_json(root / f"{mode}.json")
+        runs[mode]["teacher"] = torch.load(root / f"{mode}.json.teacher.pt")
+    return runs
+
+
+@pytest.mark.slow
+def test_teacher_gathers_in_the_compute_dtype_over_two_ranks(gather_runs):
+    """bf16 at DP = 2 (ZeRO-1, real ranks): the teacher's slices travel in bf16; the allocator's peak while its
+    largest module is gathered is sdt-plan's estimate, 4 bytes a value (the gathered buffer and the copies that
+    join each parameter's slices), where gathering the fp32 shard and casting after took 8; and the forward equals
+    bitwise that of the whole fp32 teacher cast to bf16 on one rank."""
+    r = gather_runs["module"]
+    assert r["dp"] == 2 and r["dtype"] == r["gathered_dtype"] == "torch.bfloat16"
+    assert r["planned"] == 4 * r["unit_numel"] and abs(r["peak"] - r["planned"]) <= 64, r
+    assert r["bitwise"] and gather_runs["step"]["bitwise"]
+
+
+@pytest.mark.slow
+def test_teacher_gathered_once_per_step_trains_the_same(gather_runs):
+    """distill.teacher_gather=step: one all-gather of the teacher for the step's two micro-batches instead of one
+    per module and micro-batch, and bitwise the same losses and teacher."""
+    module, step = gather_runs["module"], gather_runs["step"]
+    assert module["losses"] == step["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(module["teacher"], step["teacher"]))
+    per_forward = module["forward_gathers"]  # every module, and the tied head's embedding again
+    assert per_forward > module["units"] >= 6
+    assert module["step_gathers"] - step["step_gathers"] == 2 * per_forward - 1

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {
     "1 rank, ZeRO-1": (1, []),
     "DP=2, ZeRO-1": (2, ["parallel.zero_stage=1"]),
+    "DP=2, ZeRO-1, teacher gathered per step": (2, ["parallel.zero_stage=1", "distill.teacher_gather=step"]),
     "DP=2, ZeRO-2": (2, ["parallel.zero_stage=2"]),
     "DP=2, ZeRO-3": (2, ["parallel.zero_stage=3"]),
     "TP=2": (2, ["parallel.tensor=2"]),

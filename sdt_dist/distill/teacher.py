@@ -8,12 +8,13 @@ matching slice of the student on the same rank, so it needs no communication:
   * ZeRO-0/1/2: the slice of the student's (replicated) parameter.
 The teacher forward runs in eval mode (no dropout), without LayerDrop and without autograd, and, as
 ZeRO-3 does for the student, all-gathers one module at a time (the embedding, each layer, the final norm,
-the head) over the data-parallel group just before it runs and frees it right after: at most one layer's
-weights are whole at once. The slices travel in the compute dtype. With a shared frozen trunk
-(`shared_trunk.py`) the embedding and the shared layers neither run nor are gathered (a tied head still gathers
-the embedding). A pipeline stage instead keeps its pieces gathered over a whole batch (`materialized`), since
-the engine interleaves their forwards with its own schedule; `distill.teacher_gather=step` does the same
-without PP, so that accumulation steps do not each gather the model again.
+the head) over the data-parallel group and frees it right after it ran: at most one layer's weights are whole
+at once, and the next module's gather (its buffer) is in flight while one runs. The slices travel in the compute
+dtype. With a shared frozen trunk (`shared_trunk.py`) the embedding and the shared layers neither run nor are
+gathered (a tied head still gathers the embedding). A pipeline stage instead keeps its pieces gathered over a
+whole batch (`materialized`), since the engine interleaves their forwards with its own schedule;
+`distill.teacher_gather=step` does the same without PP, so that accumulation steps do not each gather the model
+again.
 Parameters of frozen layers are copied (tau = 0), not averaged. Predictors are not part of the teacher.
 """
 
@@ -69,9 +70,11 @@ class EmaTeacher:
         self.units = _gather_units(module, self.params)
         self._by_unit = False  # set during `forward`: the hooks below gather and free unit by unit
         self._held = False  # set inside `materialized`: every weight is whole already
-        for unit, lo, hi in self.units:
-            unit.register_forward_pre_hook(lambda _m, _args, lo=lo, hi=hi: self._unit_hook(self._materialize, lo, hi))
-            unit.register_forward_hook(lambda _m, _args, _out, lo=lo, hi=hi: self._unit_hook(self._release, lo, hi))
+        self._ran: set[int] = set()  # units that ran in the current forward
+        self._next: tuple[int, torch.Tensor, Any] | None = None  # (unit, buffer, work): the all-gather in flight
+        for k, (unit, _lo, _hi) in enumerate(self.units):
+            unit.register_forward_pre_hook(lambda _m, _args, k=k: self._before_unit(k))
+            unit.register_forward_hook(lambda _m, _args, _out, k=k: self._after_unit(k))
         self.peak_numel = 0  # most teacher elements whole at once in the last forward (tests, memory logs)
 
     # -- storage --------------------------------------------------------------------------------------
@@ -119,16 +122,22 @@ class EmaTeacher:
         if dst_avg:
             torch._foreach_lerp_(dst_avg, src_avg, 1.0 - tau)
 
-    def _gather(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
-        """[DP, n] of every rank's slices of parameters lo..hi-1 (a collective over the data-parallel group), in
-        `dtype`: each rank casts its slice before it travels, so a bf16 forward moves half the bytes of the fp32
-        shard (the same values: the cast is elementwise). At DP = 1, the shard itself."""
+    def _start_gather(self, lo: int, hi: int, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+        """[DP, n] of every rank's slices of parameters lo..hi-1 in `dtype`, and the work of the all-gather over the
+        data-parallel group that fills it (None at DP = 1: the shard itself). Each rank casts its slice before it
+        travels, so a bf16 forward moves half the bytes of the fp32 shard (the same values: the cast is
+        elementwise)."""
         local = self.shard[self.offsets[lo]:self.offsets[hi - 1] + self.parts[hi - 1]]
         if self.dp_size == 1:
-            return local.unsqueeze(0)
+            return local.unsqueeze(0), None
         full = torch.empty(self.dp_size, local.numel(), dtype=dtype, device=local.device)
         mine = full[self.dp_rank].copy_(local)  # cast into this rank's row, then gathered in place
-        dist.all_gather_single(full.view(-1), mine, group=self.dp_group)
+        return full, dist.all_gather_single(full.view(-1), mine, group=self.dp_group, async_op=True)
+
+    def _gather(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        full, work = self._start_gather(lo, hi, dtype)
+        if work is not None:
+            work.wait()
         return full
 
     def _unflatten(self, full: torch.Tensor, i: int, lo: int = 0) -> torch.Tensor:
@@ -137,7 +146,9 @@ class EmaTeacher:
         return chunk[:self.numels[i]].view(self.shapes[i])
 
     def _materialize(self, lo: int, hi: int) -> None:
-        full = self._gather(lo, hi, self.compute_dtype)
+        self._assign(self._gather(lo, hi, self.compute_dtype), lo, hi)
+
+    def _assign(self, full: torch.Tensor, lo: int, hi: int) -> None:
         for i in range(lo, hi):
             # With one DP rank in fp32 the weights are views of the shard itself: nothing is copied (the
             # forward never writes them, and they are released before the next update). At one DP rank in
@@ -150,9 +161,28 @@ class EmaTeacher:
         for p in self.params[lo:hi]:
             p.data = torch.empty(0, dtype=self.compute_dtype, device=self.shard.device)
 
-    def _unit_hook(self, action, lo: int, hi: int) -> None:
+    def _before_unit(self, k: int) -> None:
+        """Unit k's weights whole for its forward; then the next unit's all-gather starts, to overlap this forward
+        (not when the next has run already: a tied head runs the embedding again after the last unit)."""
+        if not self._by_unit:
+            return
+        _, lo, hi = self.units[k]
+        if self._next is not None and self._next[0] == k:
+            _, full, work = self._next
+            self._next = None
+            work.wait()
+            self._assign(full, lo, hi)
+            del full, work  # joined into the parameters: freed before the next buffer exists
+        else:
+            self._materialize(lo, hi)
+        self._ran.add(k)
+        if self.dp_size > 1 and k + 1 < len(self.units) and k + 1 not in self._ran and self._next is None:
+            _, next_lo, next_hi = self.units[k + 1]
+            self._next = (k + 1, *self._start_gather(next_lo, next_hi, self.compute_dtype))
+
+    def _after_unit(self, k: int) -> None:
         if self._by_unit:
-            action(lo, hi)
+            self._release(*self.units[k][1:])
 
     def full_parameters(self) -> list[torch.Tensor]:
         """Gathered fp32 teacher parameters (for tests and export; a collective over the DP group)."""
@@ -162,8 +192,10 @@ class EmaTeacher:
     @contextlib.contextmanager
     def materialized(self) -> Iterator[None]:
         """All of this rank's teacher weights gathered for the duration (a pipeline stage, or with
-        `distill.teacher_gather=step`, over a batch): `forward` then gathers nothing."""
-        self._materialize(0, len(self.params))
+        `distill.teacher_gather=step`, over a batch): `forward` then gathers nothing. Gathered module by module, so
+        that besides the whole teacher at most one module's gather buffer exists."""
+        for _, lo, hi in self.units:
+            self._materialize(lo, hi)
         self._held = True
         try:
             yield
@@ -183,11 +215,14 @@ class EmaTeacher:
         neither run nor are gathered."""
         if self._held:
             return self.module(tokens, trunk=trunk)
-        self._by_unit, self.peak_numel = True, 0
+        self._by_unit, self.peak_numel, self._ran = True, 0, set()
         try:
             return self.module(tokens, trunk=trunk)
         finally:
             self._by_unit = False
+            if self._next is not None:  # a gather no unit took (after an error): every rank started it
+                self._next[2].wait()
+                self._next = None
             self._release(0, len(self.params))
 
     __call__ = forward

@@ -267,10 +267,11 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     st.estimated["optimizer_step"] = optimizer_step_bytes(params, lay, cfg.train.optimizer_impl)
     st.forward_gradients = forward_gradient_bytes(numel, lay, prec, gas)
     # the teacher forward: over DP > 1 it all-gathers its slices in the compute dtype into one buffer (in place),
-    # then one copy joins each parameter's slices, both alive at the end of the gather; at DP = 1 it reads its
+    # then one copy joins each parameter's slices, both alive at the end of the gather (and while a module runs,
+    # its joined copy and the next module's buffer, being gathered, are alive: no more); at DP = 1 it reads its
     # fp32 shard (views in fp32, a 16-bit cast otherwise). One module at a time, in the middle of the step; or the
-    # whole stage once at its start, before any activation exists, and then only the joined copy is held (under PP
-    # or with distill.teacher_gather=step)
+    # whole stage module by module at its start, before any activation exists, then held (under PP or with
+    # distill.teacher_gather=step)
     kept = e if lay.dp > 1 or e != 4 else 0
     if lay.pp > 1 or cfg.distill.teacher_gather == "step":
         st.estimated["teacher_gathered"] = teacher_whole * kept

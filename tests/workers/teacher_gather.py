@@ -2,7 +2,8 @@
 ranks, with `distill.teacher_gather` MODE (module | step):
   * its slices travel in bf16, and the allocator's peak while its largest module is gathered is what sdt-plan
     estimates;
-  * its forward equals bitwise that of the same fp32 teacher cast to bf16 whole on one rank;
+  * its forward equals bitwise that of the same fp32 teacher cast to bf16 whole on one rank, the next module's
+    all-gather in flight while a module runs;
   * three training steps: their losses and the teacher after them (compared across modes by the test), and how
     many all-gathers the third step ran.
 
@@ -49,9 +50,14 @@ def main() -> None:
     result["planned"] = stage.estimated["teacher_gathered"]
 
     tokens = random_batch(cfg, 7)["tokens"]
+    # which unit's all-gather is in flight when unit 2 (the second layer) starts: the prefetch of unit 3
+    in_flight: list = []
+    hook = teacher.units[2][0].register_forward_pre_hook(
+        lambda *_: in_flight.append(teacher._next[0] if teacher._next else None))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = teacher(tokens)
-    result["forward_gathers"] = _all_gathers(prof)
+    hook.remove()
+    result["forward_gathers"], result["in_flight_at_unit_2"] = _all_gathers(prof), in_flight
     # the reference: every fp32 teacher value gathered, cast to bf16 on this rank, and a plain forward of them
     for p, value in zip(teacher.params, teacher.full_parameters()):
         p.data = value.to(teacher.compute_dtype)

@@ -63,9 +63,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: run(name, nproc, ov, args, Path(tmp)) for name, (nproc, ov) in chosen.items()}
     base = results["1 rank, ZeRO-1"]["tokens_per_s"]
-    print(f"{'layout':<16} {'tokens/s':>10} {'s/step':>8} {'vs 1 rank':>10}")
+    width = max(16, *(len(name) for name in results))
+    print(f"{'layout':<{width}} {'tokens/s':>10} {'s/step':>8} {'vs 1 rank':>10}")
     for name, r in results.items():
-        print(f"{name:<16} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.3f} {r['tokens_per_s'] / base:>10.2f}")
+        print(f"{name:<{width}} {r['tokens_per_s']:>10.0f} {r['step_time_s']:>8.3f} {r['tokens_per_s'] / base:>10.2f}")
 
 
 if __name__ == "__main__":

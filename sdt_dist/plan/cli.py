@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from sdt_dist.config import ConfigError, load_config
 from sdt_dist.plan.devices import DEVICES, device
-from sdt_dist.plan.inventory import parameter_inventory
+from sdt_dist.plan.inventory import ParamInfo, parameter_inventory
 from sdt_dist.plan.memory import run_layout, run_precision
-from sdt_dist.plan.report import format_plan, make_plan
+from sdt_dist.plan.report import Plan, format_plan, make_plan
 from sdt_dist.plan.suggest import as_overrides, smallest_fitting_change
 
 
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     inv = parameter_inventory(cfg)
     plan = make_plan(cfg, inv, layout, precision, dev, args.nodes, args.headroom)
     print(format_plan(plan, args.mfu))
+    per_step = _with_teacher_gathered_per_step(plan, inv)
+    moved, once = (max(s.teacher_all_gather for s in p.stages) for p in (plan, per_step))
+    if dev is not None and moved > once:  # several micro-batches a step, each gathering the teacher again
+        verdict = "fits" if per_step.fits else "does not fit"
+        print(f"with --set distill.teacher_gather=step: peak {per_step.peak / 2**30:.1f} GiB ({verdict}), the teacher "
+              f"all-gathered once a step ({once / 2**30:.2f} GiB instead of {moved / 2**30:.2f})")
     if dev is not None and not plan.fits:
         better = smallest_fitting_change(cfg, inv, layout, precision, dev, args.world // args.nodes, args.headroom)
         if better is None:
@@ -57,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smallest change that fits: {flags}  (peak {better.peak / 2**30:.1f} GiB; "
                   f"{better.layout.describe()})")
     return 0
+
+
+def _with_teacher_gathered_per_step(plan: Plan, inv: list[ParamInfo]) -> Plan:
+    cfg = dataclasses.replace(plan.cfg, distill=dataclasses.replace(plan.cfg.distill, teacher_gather="step"))
+    return make_plan(cfg, inv, plan.layout, plan.precision, plan.device, plan.nodes, plan.headroom)
 
 
 def entry() -> None:

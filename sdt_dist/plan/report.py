@@ -113,8 +113,8 @@ def format_plan(plan: Plan, mfu: float) -> str:
     moved = max(s.teacher_all_gather for s in plan.stages)
     if moved:
         how = ("once per step" if lay.pp > 1 or cfg.distill.teacher_gather == "step" or gas == 1 else
-               f"one module at a time for each of {gas} micro-batches; distill.teacher_gather=step gathers it once "
-               f"({moved / gas / GiB:.2f} GiB), holding the whole teacher through the step")
+               f"one module at a time for each of {gas} micro-batches; distill.teacher_gather=step: once, the whole "
+               f"teacher held through the step")
         out.append(f"EMA teacher all-gather per rank and step: {moved / GiB:.2f} GiB over DP {lay.dp} ({how})")
     step = plan.step_time(mfu)
     if step is not None:

@@ -65,6 +65,27 @@ def test_cli_reports_and_suggests_a_change_that_fits(capsys):
     assert "fits: peak" in capsys.readouterr().out
 
 
+def test_cli_weighs_gathering_the_teacher_once_a_step(capsys):
+    """Over DP > 1 with several micro-batches a step the teacher is all-gathered for each: sdt-plan prints that
+    volume and what distill.teacher_gather=step would cost, the peak of a plan made with that setting."""
+    args = ["launchers/configs/gpt_7b.yaml", *SEVEN_B, "--world", "64", "--nodes", "8", "--device", "a100-80gb"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert main([*args, "--set", "distill.teacher_gather=step"]) == 0
+    step_lines = capsys.readouterr().out.splitlines()
+
+    def gathered(out: list[str]) -> float:
+        line = next(x for x in out if x.startswith("EMA teacher all-gather per rank and step:"))
+        return float(line.split(":")[1].split()[0])
+
+    (offer,) = [x for x in lines if x.startswith("with --set distill.teacher_gather=step:")]
+    step_peak = next(x for x in step_lines if x.startswith("fits: peak")).split()[2]
+    assert f"peak {step_peak} GiB (fits)" in offer
+    assert "micro-batches" in "".join(lines) and "(once per step)" in "".join(step_lines)
+    assert gathered(lines) == pytest.approx(8 * gathered(step_lines), abs=0.05)  # 8 micro-batches a step
+    assert not any(x.startswith("with --set distill.teacher_gather") for x in step_lines)
+
+
 def test_cli_exits_2_on_a_bad_layout(capsys):
     assert main(["launchers/configs/gpt_125m.yaml", "--world", "3", "--set", "parallel.tensor=2"]) == 2
     assert "parallel.tensor" in capsys.readouterr().err

@@ -2,13 +2,16 @@
 against the pass of another commit.
 
     python benchmarks/fused_loss.py [--vocab 8000] [--tokens 1024] [--threads 2] [--rounds 12] \
-        [--chunks 16,19,21] [--against REV]
+        [--chunks 16,19,21] [--against REV] [--device cuda --dtype bf16]
 
 Forward and backward of LM + KD on [b, s, V] logits laid out as the model's ([s, b, V] in memory), the teacher a
 perturbed student, T = 2; every arm in one process, interleaved, wall-clock medians after two warm-up rounds.
 Arms: the separate `losses.lm_loss` + `losses.kd_loss` (autograd), the fused pass at each chunk size (2^k
-elements per [chunk tokens, V] temporary), its default for this CPU, and with `--against REV` the fused pass
-as commit REV had it (read with `git show`, at its own default chunk). Values are checked equal first.
+elements per [chunk tokens, V] temporary), its default for the device, and with `--against REV` the fused pass
+as commit REV had it (read with `git show`, at its own default chunk). Values are checked equal first. Each round
+ends by reading the losses to the host, which waits for an accelerator's queued work. On a GPU, the chunk size to
+measure is the accelerator default's (2^26, reasoned): e.g. `--device cuda --dtype bf16 --vocab 50304 --tokens
+16384 --chunks 22,24,26,28` (gpt_125m's micro-batch).
 """
 
 from __future__ import annotations
@@ -62,14 +65,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--chunks", default="16,19,21", help="log2 of the chunk sizes to time")
     p.add_argument("--against", help="a commit whose fused pass to time too")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...: where the logits live")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the logits' dtype (bf16: a bf16 run)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     b = 8
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     z = (torch.randn(args.tokens // b, b, args.vocab, generator=g) * 3).transpose(0, 1)
-    zt = z + 0.3 * torch.randn(z.shape, generator=g)
-    labels = torch.randint(0, args.vocab, (b, args.tokens // b), generator=g)
-    mask = torch.ones(b, args.tokens // b)
+    zt = (z + 0.3 * torch.randn(z.shape, generator=g)).to(args.device, dtype)
+    z = z.to(args.device, dtype)  # keeps the [s, b, V] memory order
+    labels = torch.randint(0, args.vocab, (b, args.tokens // b), generator=g).to(args.device)
+    mask = torch.ones(b, args.tokens // b, device=args.device)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # bf16: the separate losses round in bf16
 
     # each arm: (LM + KD, LM, KD), LM + KD carrying the gradient
     def separate(x: torch.Tensor, chunk: int | None) -> tuple[torch.Tensor, ...]:
@@ -97,7 +105,7 @@ def main() -> None:
     ref = run(*arms["separate losses"])
     for name, arm in arms.items():
         got = run(*arm)
-        assert all(abs(a - r) <= 1e-4 * abs(r) + 1e-6 for a, r in zip(got, ref)), (name, got, ref)
+        assert all(abs(a - r) <= tolerance * abs(r) + 1e-6 for a, r in zip(got, ref)), (name, got, ref)
     times: dict[str, list[float]] = {name: [] for name in arms}
     for r in range(args.rounds):
         names = list(arms)[r % len(arms):] + list(arms)[:r % len(arms)]  # the order rotated each round
@@ -106,7 +114,8 @@ def main() -> None:
             run(*arms[name])
             times[name].append(time.perf_counter() - start)
     default = fused_lm_kd.chunk_elements(z.device.type)
-    print(f"V {args.vocab}, {args.tokens} tokens, {args.threads} threads, T = {TEMPERATURE}: forward + backward, "
+    print(f"V {args.vocab}, {args.tokens} tokens, {args.device} {args.dtype}, {args.threads} threads, "
+          f"T = {TEMPERATURE}: forward + backward, "
           f"wall ms, median of rounds 3-{args.rounds}; this device's default chunk is 2^{default.bit_length() - 1}")
     base = statistics.median(times["separate losses"][2:])
     print("| arm | ms | vs separate |\n|---|---|---|")

@@ -39,7 +39,8 @@ def test_step_cost_levers_and_shared_trunk_modes_run():
     assert "trunk shared true" in out and "shared / recomputed" in out
 
 
-def test_fused_loss_benchmark_runs():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_loss_benchmark_runs(dtype):
     out = _run("benchmarks/fused_loss.py", "--vocab", "64", "--tokens", "32", "--rounds", "3", "--chunks", "8,10",
-               "--threads", "1")
-    assert "| fused, chunk 2^8 |" in out and "| separate losses |" in out
+               "--threads", "1", "--dtype", dtype)
+    assert "| fused, chunk 2^8 |" in out and "| separate losses |" in out and f"cpu {dtype}" in out

@@ -8,6 +8,7 @@ stage (`parallel/pipeline.py`). Either way the total loss comes from `losses.com
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from sdt_dist.distill.predictor import build_predictors, predictor_spec
 from sdt_dist.distill.schedules import layer_map
 from sdt_dist.distill.shared_trunk import shared_layers, trunk_sharing
 from sdt_dist.distill.step_plan import StepPlan
-from sdt_dist.distill.teacher import EmaTeacher
+from sdt_dist.distill.teacher import EmaTeacher, gathered_per_step
 from sdt_dist.export import gather_full_state
 from sdt_dist.init_from import load_initial_weights
 from sdt_dist.model import GPTModel, student_layer_specs, teacher_layer_specs, transformer_config
@@ -169,7 +170,7 @@ class SDTrainModule:
         """How much of the teacher its forward holds whole at once, and over DP > 1 how much it all-gathers in a
         step (for the log)."""
         whole = self.teacher.full_numel()
-        per_step = accumulation_steps if self.pipeline is None and self.cfg.distill.teacher_gather == "module" else 1
+        per_step = 1 if gathered_per_step(self.cfg) else accumulation_steps
         moved = "" if self.dims.dp == 1 else (
             f"; all-gathers {whole * per_step * self.dtype.itemsize / 2**30:.2f} GiB a step over {self.dims.dp} "
             f"data-parallel ranks")
@@ -208,13 +209,12 @@ class SDTrainModule:
     def train_batch(self, micro_batches: list[dict[str, torch.Tensor]], plan: StepPlan) -> BatchResult:
         """Steps 1-4 of Algorithm 1 for one optimizer step: per micro-batch the student forward with LayerDrop,
         the teacher forward, the losses and backward; the optimizer steps at the accumulation boundary."""
-        if self.pipeline is None:
-            d = self.cfg.distill
-            if d.teacher_gather == "module" or not (d.lambda_kd > 0 or plan.aligned):
+        d = self.cfg.distill
+        # the teacher gathered once for all the step's micro-batches, where the step runs it
+        whole = gathered_per_step(self.cfg) and (self.pipeline is not None or d.lambda_kd > 0 or bool(plan.aligned))
+        with self.teacher.materialized() if whole else contextlib.nullcontext():
+            if self.pipeline is None:
                 return self._micro_batches(micro_batches, plan)
-            with self.teacher.materialized():  # gathered once for all the step's micro-batches
-                return self._micro_batches(micro_batches, plan)
-        with self.teacher.materialized():
             terms = self.pipeline.train_batch(self.engine, micro_batches, plan, self.dims)
         loss, lm, kd, align = terms.tolist()
         return BatchResult(loss=loss, loss_lm=lm, loss_kd=kd, loss_align=align,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sdt_dist.config import Config
 from sdt_dist.model.gpt import GPTOutput
 
 
@@ -263,6 +264,13 @@ class EmaTeacher:
     def largest_unit_numel(self) -> int:
         """Elements whole at once during `forward`: the largest module gathered."""
         return max(sum(self.numels[lo:hi]) for _, lo, hi in self.units)
+
+
+def gathered_per_step(cfg: Config) -> bool:
+    """Whether a run gathers the teacher whole once per step (`materialized`) instead of module by module in every
+    forward: under pipeline parallelism (the engine interleaves the stages' forwards), or when
+    `distill.teacher_gather=step` asks for it."""
+    return cfg.parallel.pipeline > 1 or cfg.distill.teacher_gather == "step"
 
 
 def _gather_units(module: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[tuple[torch.nn.Module, int, int]]:

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 
 from sdt_dist.config import ConfigError, load_config
+from sdt_dist.distill.teacher import gathered_per_step
 from sdt_dist.plan.devices import DEVICES, device
 from sdt_dist.plan.inventory import ParamInfo, parameter_inventory
 from sdt_dist.plan.memory import run_layout, run_precision
@@ -48,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     inv = parameter_inventory(cfg)
     plan = make_plan(cfg, inv, layout, precision, dev, args.nodes, args.headroom)
     print(format_plan(plan, args.mfu))
-    per_step = _with_teacher_gathered_per_step(plan, inv)
-    moved, once = (max(s.teacher_all_gather for s in p.stages) for p in (plan, per_step))
-    if dev is not None and moved > once:  # several micro-batches a step, each gathering the teacher again
-        verdict = "fits" if per_step.fits else "does not fit"
-        print(f"with --set distill.teacher_gather=step: peak {per_step.peak / 2**30:.1f} GiB ({verdict}), the teacher "
-              f"all-gathered once a step ({once / 2**30:.2f} GiB instead of {moved / 2**30:.2f})")
+    moved = max(s.teacher_all_gather for s in plan.stages)
+    if dev is not None and moved and not gathered_per_step(cfg):
+        per_step = _with_teacher_gathered_per_step(plan, inv)
+        once = max(s.teacher_all_gather for s in per_step.stages)
+        if once < moved:  # several micro-batches a step, each gathering the teacher again
+            verdict = "fits" if per_step.fits else "does not fit"
+            print(f"with --set distill.teacher_gather=step: peak {per_step.peak / 2**30:.1f} GiB ({verdict}), the "
+                  f"teacher all-gathered once a step ({once / 2**30:.2f} GiB instead of {moved / 2**30:.2f})")
     if dev is not None and not plan.fits:
         better = smallest_fitting_change(cfg, inv, layout, precision, dev, args.world // args.nodes, args.headroom)
         if better is None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from sdt_dist.config import Config, check_layout
 from sdt_dist.distill.fused_lm_kd import chunk_elements
+from sdt_dist.distill.teacher import gathered_per_step
 from sdt_dist.parallel.engine import build_ds_config, compute_dtype
 from sdt_dist.plan.inventory import ParamInfo
 
@@ -273,7 +274,7 @@ def plan_stage(cfg: Config, inv: list[ParamInfo], lay: Layout, prec: Precision, 
     # whole stage module by module at its start, before any activation exists, then held (under PP or with
     # distill.teacher_gather=step)
     kept = e if lay.dp > 1 or e != 4 else 0
-    if lay.pp > 1 or cfg.distill.teacher_gather == "step":
+    if gathered_per_step(cfg):
         st.estimated["teacher_gathered"] = teacher_whole * kept
         st.teacher_all_gather = teacher_whole * e if lay.dp > 1 else 0
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sdt_dist.config import Config
+from sdt_dist.distill.teacher import gathered_per_step
 from sdt_dist.eval.compute import flops_per_token
 from sdt_dist.plan.devices import Device, GiB
 from sdt_dist.plan.inventory import ParamInfo
@@ -112,7 +113,7 @@ def format_plan(plan: Plan, mfu: float) -> str:
                + (f" + {plan.recompute_flops_per_step:.3e} recomputation" if plan.recompute_flops_per_step else ""))
     moved = max(s.teacher_all_gather for s in plan.stages)
     if moved:
-        how = ("once per step" if lay.pp > 1 or cfg.distill.teacher_gather == "step" or gas == 1 else
+        how = ("once per step" if gathered_per_step(cfg) or gas == 1 else
                f"one module at a time for each of {gas} micro-batches; distill.teacher_gather=step: once, the whole "
                f"teacher held through the step")
         out.append(f"EMA teacher all-gather per rank and step: {moved / GiB:.2f} GiB over DP {lay.dp} ({how})")

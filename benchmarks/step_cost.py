@@ -254,27 +254,23 @@ def levers(args: argparse.Namespace) -> None:
     del tm.engine.allreduce_gradients  # the instance override: DeepSpeed's own method again
     arms["ours plain, DeepSpeed all-reduce at DP=1"] = plain_ds
     _, arms["ours plain, for-loop AdamW"] = our_arm(make_cfg(args, *PLAIN, "train.optimizer_impl=for-loop"), None)
-    _, plain_ce = our_arm(make_cfg(args, *PLAIN), None)
 
-    def plain_cross_entropy(batch: dict[str, torch.Tensor], i: int) -> None:
-        fused, ts.fused_lm_loss = ts.fused_lm_loss, losses.lm_loss
-        try:
-            plain_ce(batch, i)
-        finally:
-            ts.fused_lm_loss = fused
+    def replaced(step: Callable, name: str, stand_in: Callable) -> Callable:
+        """`step` with train_module's function `name` replaced by `stand_in` (the lever off) while it runs."""
+        def run(batch: dict[str, torch.Tensor], i: int) -> None:
+            kept = getattr(ts, name)
+            setattr(ts, name, stand_in)
+            try:
+                step(batch, i)
+            finally:
+                setattr(ts, name, kept)
+        return run
 
-    arms["ours plain, torch cross-entropy"] = plain_cross_entropy
+    _, plain = our_arm(make_cfg(args, *PLAIN), None)
+    arms["ours plain, torch cross-entropy"] = replaced(plain, "fused_lm_loss", losses.lm_loss)
     _, arms["ours SD"] = our_arm(make_cfg(args, *NO_FREEZE), None)
     _, sd = our_arm(make_cfg(args, *NO_FREEZE), None)
-
-    def sd_separate(batch: dict[str, torch.Tensor], i: int) -> None:
-        fused, ts.lm_kd_losses = ts.lm_kd_losses, separate_lm_kd
-        try:
-            sd(batch, i)
-        finally:
-            ts.lm_kd_losses = fused
-
-    arms["ours SD, separate LM and KD losses"] = sd_separate
+    arms["ours SD, separate LM and KD losses"] = replaced(sd, "lm_kd_losses", separate_lm_kd)
     med, cpu = interleaved(arms, [random_batch(cfg, 1000 + r) for r in range(args.steps)], args.warmup)
     print(f"levers, shape {args.shape}, {args.threads} threads, median of rounds {args.warmup + 1}-{args.steps}")
     print("| arm | wall ms/step | CPU ms/step |\n|---|---|---|")
